@@ -1,0 +1,101 @@
+"""``UNaming::Registry``: who runs where, and in what state.
+
+Two volatile relations. ``instances`` holds the registration of every running instance
+(its endpoints, instance id and protection level); clients follow it to find services
+and to rebind when one restarts or moves. ``services`` holds the administration state
+of each planned instance: desired versus actual state, restarts, the last problem, as
+controllers report it. Both are rebuilt after a core restart: instances re-register and
+controllers re-report within one reconcile period.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ubicore.errors import NotFound
+from ubicore.schema import Column, Relation, Schema, read, update
+from ubicore.store import Transaction
+
+SCHEMA = "UNaming::Registry"
+
+
+class Registry(Schema, name=SCHEMA, protection="open"):
+    """The naming registry of a site."""
+
+    instances = Relation(
+        Column("schema", str),
+        Column("cell", str),
+        Column("host", str),
+        Column("rpc", str),
+        Column("events", str),
+        Column("instance_id", bytes),
+        Column("protection", str),
+        Column("pid", int, default=0),
+        Column("started", float, default=0.0),
+        key=("schema", "cell"),
+    )
+    services = Relation(
+        Column("schema", str),
+        Column("cell", str),
+        Column("host", str),
+        Column("desired", str, default="running"),
+        Column("actual", str, default="starting"),
+        Column("restarts", int, default=0),
+        Column("detail", str, default=""),
+        Column("updated", float, default=0.0),
+        key=("schema", "cell"),
+    )
+
+    @update
+    def register(
+        self,
+        tx: Transaction,
+        schema: str,
+        cell: str,
+        host: str,
+        rpc: str,
+        events: str,
+        instance_id: bytes,
+        protection: str,
+        pid: int = 0,
+    ) -> None:
+        """Record (or replace) the registration of a running instance."""
+        tx.instances.upsert(
+            schema=schema, cell=cell, host=host, rpc=rpc, events=events,
+            instance_id=instance_id, protection=protection, pid=pid, started=time.time(),
+        )
+
+    @update
+    def deregister(self, tx: Transaction, schema: str, cell: str, instance_id: bytes) -> bool:
+        """Remove a registration, if it is still this instance's."""
+        row = tx.instances.get(schema, cell)
+        if row is None or row.instance_id != instance_id:
+            return False
+        tx.instances.delete(schema, cell)
+        return True
+
+    @read
+    def lookup(self, tx: Transaction, schema: str, cell: str) -> dict[str, object]:
+        """The registration of (schema, cell)."""
+        row = tx.instances.get(schema, cell)
+        if row is None:
+            raise NotFound(f"no instance of {schema} is registered at {cell}")
+        return row._asdict()  # type: ignore[attr-defined, no-any-return]
+
+    @update
+    def report(
+        self,
+        tx: Transaction,
+        schema: str,
+        cell: str,
+        host: str,
+        actual: str,
+        restarts: int = 0,
+        detail: str = "",
+        desired: str = "running",
+    ) -> None:
+        """A controller's report of the actual state of an instance it runs."""
+        tx.services.upsert(
+            schema=schema, cell=cell, host=host, desired=desired, actual=actual,
+            restarts=restarts, detail=detail, updated=time.time(),
+        )

@@ -1,0 +1,1 @@
+"""The command-line tools, installed as ``ubicore.tools`` (the ``ubi`` command)."""

@@ -1,0 +1,346 @@
+"""Following an instance: the caching client and the raw event follower.
+
+A :class:`Cache` keeps a read-only local copy of an instance's relations. It joins as
+DESIGN.md §4 says (subscribe, then dump, drop buffered batches up to the dump's
+sequence, apply the rest: :class:`~ubicore.protocol.channel.ChannelFollower` does the
+bookkeeping) and heals itself: a sequence gap or a new instance id makes it dump again,
+and :meth:`Cache.rebind` moves it to new endpoints when naming says the instance
+restarted or moved. Re-dumps are diffed against the local copy, so callbacks see every
+difference exactly once, as insert, update or delete.
+
+Callbacks run on the event loop and receive (old row, new row), rows being the
+relation's named tuples; ``old`` is None for an insert, ``new`` None for a delete.
+A :class:`Follower` is the non-caching mode: it hands over delta batches as they come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from .errors import CallTimeout, ProtocolError, RemoteError, Unavailable
+from .protocol.channel import Batch, ChannelFollower, FollowState, ResyncReason
+from .protocol.messages import ChannelMessage, Op
+from .transport.channel import Subscription
+from .transport.rpc import RpcConnection
+
+log = logging.getLogger(__name__)
+
+Row = tuple[Any, ...]
+Key = tuple[Any, ...]
+ChangeCallback = Callable[[str, Row | None, Row | None], None]
+DUMP_TIMEOUT_S = 10.0
+RETRY_MIN_S, RETRY_MAX_S = 0.05, 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """Where an instance is: its endpoints and (if known) its instance id."""
+
+    schema: str
+    cell: str
+    rpc: str
+    events: str
+    instance_id: bytes = b""
+
+
+class RelationInfo(NamedTuple):
+    row_type: Any
+    key_index: tuple[int, ...]
+    columns: tuple[str, ...]
+
+
+def relation_infos(description: Mapping[str, Any]) -> dict[str, RelationInfo]:
+    """Row types and key positions from a schema description (``get_group``)."""
+    from collections import namedtuple
+
+    out: dict[str, RelationInfo] = {}
+    try:
+        for name, rel in description["relations"].items():
+            cols = tuple(c[0] for c in rel["columns"])
+            out[name] = RelationInfo(
+                namedtuple(name, cols, rename=True), tuple(cols.index(k) for k in rel["key"]), cols
+            )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ProtocolError(f"malformed schema description: {exc}") from None
+    return out
+
+
+class _Joined:
+    """Shared machinery of Cache and Follower: a subscription, a follower, re-dumps."""
+
+    def __init__(self, binding: Binding, connect: Callable[[str], RpcConnection]) -> None:
+        self.binding = binding
+        self._connect = connect
+        self.follower = ChannelFollower()
+        self.ready = asyncio.Event()
+        self.resyncs = 0
+        self.malformed = 0
+        self.closed = False
+        self._sub: Subscription | None = None
+        self._dump_task: asyncio.Task[None] | None = None
+        self._again = False
+        self.infos: dict[str, RelationInfo] = {}
+
+    @property
+    def schema(self) -> str:
+        return self.binding.schema
+
+    @property
+    def cell(self) -> str:
+        return self.binding.cell
+
+    @property
+    def instance_id(self) -> bytes | None:
+        return self.follower.instance_id
+
+    @property
+    def seq(self) -> int:
+        return self.follower.seq
+
+    @property
+    def live(self) -> bool:
+        return self.follower.state is FollowState.LIVE
+
+    async def _start(self, timeout_s: float) -> None:
+        self._sub = Subscription(self.binding.events, self._on_message)
+        self._request_dump()
+        try:
+            await asyncio.wait_for(self.ready.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise CallTimeout(f"could not join {self.schema} at {self.cell} within {timeout_s:g} s") from None
+
+    def rebind(self, binding: Binding) -> None:
+        """Move to new endpoints (the instance restarted or moved) and re-dump."""
+        if self.closed:
+            return
+        if binding.events != self.binding.events and self._sub is not None:
+            self._sub.close()
+            self._sub = Subscription(binding.events, self._on_message)
+        self.binding = binding
+        self.follower = ChannelFollower(resyncs=self.follower.resyncs)
+        self.infos = {}  # a new instance may run a newer declaration: ask get_group again
+        self._request_dump()
+
+    def _on_message(self, msg: ChannelMessage) -> None:
+        res = self.follower.feed(msg)
+        if res.batches:
+            self._apply_batches(res.batches)
+        if res.resync is not None:
+            self._note_resync(res.resync)
+
+    def _note_resync(self, reason: ResyncReason) -> None:
+        self.resyncs += 1
+        log.info("%s@%s: re-dump (%s)", self.schema, self.cell, reason.value)
+        self._request_dump()
+
+    def _request_dump(self) -> None:
+        if self._dump_task is not None and not self._dump_task.done():
+            self._again = True
+            return
+        self._dump_task = asyncio.get_running_loop().create_task(self._dump_loop())
+
+    async def _dump_loop(self) -> None:
+        delay = RETRY_MIN_S
+        while not self.closed:
+            self._again = False
+            try:
+                conn = self._connect(self.binding.rpc)
+                if not self.infos:
+                    group = await conn.call(self.schema, self.cell, "get_group", {}, DUMP_TIMEOUT_S)
+                    self.infos = relation_infos(group["schema"])
+                dump = await conn.call(self.schema, self.cell, "get_dump", {}, DUMP_TIMEOUT_S)
+                iid, seq, relations = dump["instance_id"], dump["seq"], dump["relations"]
+                self._apply_dump(relations)
+            except (RemoteError, ProtocolError, KeyError, TypeError) as exc:
+                log.info("%s@%s: dump failed (%s); retrying", self.schema, self.cell, exc)
+                await asyncio.sleep(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
+                continue
+            res = self.follower.dump_received(iid, seq)
+            if res.batches:
+                self._apply_batches(res.batches)
+            self.ready.set()
+            if res.resync is not None:
+                self.resyncs += 1
+                continue
+            if not self._again:
+                return
+
+    def _apply_dump(self, relations: Mapping[str, list[list[Any]]]) -> None:
+        raise NotImplementedError
+
+    def _apply_batches(self, batches: list[Batch] | Any) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._sub is not None:
+            self._sub.close()
+            self._sub = None
+        task = self._dump_task
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+class Cache(_Joined):
+    """A live, read-only local copy of an instance's relations (see module docstring)."""
+
+    def __init__(self, binding: Binding, connect: Callable[[str], RpcConnection]) -> None:
+        super().__init__(binding, connect)
+        self._tables: dict[str, dict[Key, Row]] = {}
+        self._views: dict[str, Mapping[Key, Row]] = {}
+        self._on_change: list[ChangeCallback] = []
+        self._by_rel: dict[str, list[ChangeCallback]] = {}
+
+    # --- reading --------------------------------------------------------------------------
+
+    def table(self, relation: str) -> Mapping[Key, Row]:
+        """A live read-only mapping key tuple → row of one relation."""
+        try:
+            return self._views[relation]
+        except KeyError:
+            raise KeyError(f"{self.schema} has no relation {relation!r}") from None
+
+    @property
+    def tables(self) -> Mapping[str, Mapping[Key, Row]]:
+        return types.MappingProxyType(self._views)
+
+    def rows(self, relation: str) -> list[Row]:
+        return list(self.table(relation).values())
+
+    async def wait_for(self, predicate: Callable[[Cache], bool], timeout_s: float = 5.0) -> None:
+        """Wait until ``predicate(cache)`` holds, re-checking after every change."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not predicate(self):
+            changed = asyncio.Event()
+            cb: ChangeCallback = lambda r, o, n: changed.set()  # noqa: E731
+            self._on_change.append(cb)
+            try:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise CallTimeout(f"condition on {self.schema} at {self.cell} not met in {timeout_s:g} s")
+                try:
+                    await asyncio.wait_for(changed.wait(), min(remaining, 0.25))
+                except asyncio.TimeoutError:
+                    pass
+            finally:
+                self._on_change.remove(cb)
+
+    # --- callbacks ------------------------------------------------------------------------
+
+    def on_change(self, callback: ChangeCallback) -> None:
+        """``callback(relation, old, new)`` for every change of every relation."""
+        self._on_change.append(callback)
+
+    def _on_rel(self, relation: str, cb: ChangeCallback) -> None:
+        self._by_rel.setdefault(relation, []).append(cb)
+
+    def on_insert(self, relation: str, callback: Callable[[Row], None]) -> None:
+        self._on_rel(relation, lambda r, o, n: callback(n) if o is None else None)  # type: ignore[arg-type]
+
+    def on_update(self, relation: str, callback: Callable[[Row, Row], None]) -> None:
+        self._on_rel(relation, lambda r, o, n: callback(o, n) if o is not None and n is not None else None)  # type: ignore[arg-type]
+
+    def on_delete(self, relation: str, callback: Callable[[Row], None]) -> None:
+        self._on_rel(relation, lambda r, o, n: callback(o) if n is None else None)  # type: ignore[arg-type]
+
+    def _emit(self, rel: str, old: Row | None, new: Row | None) -> None:
+        for cb in self._on_change:
+            cb(rel, old, new)
+        for cb in self._by_rel.get(rel, ()):
+            cb(rel, old, new)
+
+    # --- applying -------------------------------------------------------------------------
+
+    def _apply_dump(self, relations: Mapping[str, list[list[Any]]]) -> None:
+        fresh: dict[str, dict[Key, Row]] = {}
+        for name, info in self.infos.items():
+            rows = relations.get(name, [])
+            make, ki = info.row_type._make, info.key_index
+            if len(ki) == 1:
+                k0 = ki[0]
+                fresh[name] = {(r[k0],): make(r) for r in rows}
+            else:
+                fresh[name] = {tuple(r[i] for i in ki): make(r) for r in rows}
+        old_tables = self._tables
+        self._tables = fresh
+        self._views = {n: types.MappingProxyType(t) for n, t in fresh.items()}
+        if not (self._on_change or self._by_rel):
+            return
+        for name, new_t in fresh.items():
+            old_t = old_tables.get(name, {})
+            for key, row in new_t.items():
+                old = old_t.get(key)
+                if old != row:
+                    self._emit(name, old, row)
+            for key, old in old_t.items():
+                if key not in new_t:
+                    self._emit(name, old, None)
+
+    def _apply_batches(self, batches: Any) -> None:
+        tables, infos = self._tables, self.infos
+        notify = bool(self._on_change or self._by_rel)
+        for batch in batches:
+            for rel, op, row in batch.changes:
+                table = tables.get(rel)
+                if table is None:
+                    self.malformed += 1
+                    continue
+                info = infos[rel]
+                if op == Op.DELETE:
+                    old = table.pop(row, None)
+                    if notify and old is not None:
+                        self._emit(rel, old, None)
+                    continue
+                try:
+                    new = info.row_type._make(row)
+                except TypeError:
+                    self.malformed += 1
+                    continue
+                ki = info.key_index
+                key = (new[ki[0]],) if len(ki) == 1 else tuple(new[i] for i in ki)
+                old = table.get(key)
+                table[key] = new
+                if notify:
+                    self._emit(rel, old, new)
+
+
+class Follower(_Joined):
+    """Non-caching mode: ``on_batch(batch)`` for each delta batch after the join point.
+
+    It still takes a dump to learn where the channel stands, and hands it over once as
+    ``on_dump(relations)`` if given; gaps and restarts re-dump the same way as a Cache.
+    """
+
+    def __init__(
+        self,
+        binding: Binding,
+        connect: Callable[[str], RpcConnection],
+        on_batch: Callable[[Batch], None],
+        on_dump: Callable[[Mapping[str, list[list[Any]]]], None] | None = None,
+    ) -> None:
+        super().__init__(binding, connect)
+        self._on_batch = on_batch
+        self._on_dump = on_dump
+
+    def _apply_dump(self, relations: Mapping[str, list[list[Any]]]) -> None:
+        if self._on_dump is not None:
+            self._on_dump(relations)
+
+    def _apply_batches(self, batches: Any) -> None:
+        for batch in batches:
+            self._on_batch(batch)
+
+
+__all__ = ["Binding", "Cache", "Follower", "RelationInfo", "Unavailable"]

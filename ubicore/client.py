@@ -1,0 +1,222 @@
+"""The client SDK: find services, call their operations, cache and follow their state.
+
+::
+
+    async with Client.for_site(load_site("cells/demo.yaml")) as client:
+        await client.call("Site", "ULocationSystem::ConfigurationUpdate", "set_rate",
+                          sensor="S-001", rate_hz=5.0)
+        positions = await client.cache("Zone-A", "ULocation::Positions")
+        positions.on_update("positions", lambda old, new: print(new))
+
+A client follows the naming registry (``UNaming::Registry``) as a cache of its own, so
+``find`` is a local lookup, and every cache or follower it made rebinds by itself when
+the registry shows that its instance restarted (new instance id) or moved (new
+endpoints). Calls have deadlines and never hang; errors are the typed tree of
+:mod:`ubicore.errors`. See :mod:`ubicore.blocking` for the blocking facade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .cache import Binding, Cache, Follower, _Joined
+from .config.model import SiteConfig
+from .errors import NotFound, Unavailable
+from .protocol.channel import Batch
+from .transport.rpc import RpcConnection
+
+__all__ = ["Client", "ServiceInfo", "DEFAULT_TIMEOUT_S", "NAMING_SCHEMA", "NAMING_CELL"]
+
+DEFAULT_TIMEOUT_S = 5.0
+NAMING_SCHEMA = "UNaming::Registry"
+NAMING_CELL = "Site"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceInfo:
+    """Where one instance runs, as naming knows it."""
+
+    schema: str
+    cell: str
+    host: str
+    rpc: str
+    events: str
+    instance_id: bytes
+    protection: str
+    pid: int
+    started: float
+
+    def binding(self) -> Binding:
+        return Binding(self.schema, self.cell, self.rpc, self.events, self.instance_id)
+
+
+class Client:
+    """An asyncio client of one site; see the module docstring."""
+
+    def __init__(self, core_rpc: str, core_events: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self._naming_binding = Binding(NAMING_SCHEMA, NAMING_CELL, core_rpc, core_events)
+        self._conns: dict[str, RpcConnection] = {}
+        self._naming: Cache | None = None
+        self._naming_lock: asyncio.Lock | None = None
+        self._joined: list[_Joined] = []
+        self.closed = False
+
+    @classmethod
+    def for_site(cls, site: SiteConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Client:
+        return cls(site.core.rpc_endpoint, site.core.event_endpoint, timeout_s=timeout_s)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- connections ----------------------------------------------------------------------
+
+    def _connection(self, endpoint: str) -> RpcConnection:
+        if self.closed:
+            raise Unavailable("the client is closed")
+        conn = self._conns.get(endpoint)
+        if conn is None or conn.closed:
+            conn = self._conns[endpoint] = RpcConnection(endpoint)
+        return conn
+
+    # --- naming ---------------------------------------------------------------------------
+
+    async def naming(self) -> Cache:
+        """The client's live copy of the naming registry (joined on first use)."""
+        if self._naming is not None:
+            return self._naming
+        if self._naming_lock is None:
+            self._naming_lock = asyncio.Lock()
+        async with self._naming_lock:
+            if self._naming is None:
+                cache = Cache(self._naming_binding, self._connection)
+                await cache._start(self.timeout_s)
+                cache.on_change(self._registry_changed)
+                self._naming = cache
+        return self._naming
+
+    def _registry_changed(self, relation: str, old: Any, new: Any) -> None:
+        if relation != "instances" or new is None:
+            return
+        binding = Binding(new.schema, new.cell, new.rpc, new.events, new.instance_id)
+        for joined in self._joined:
+            b = joined.binding
+            if (b.schema, b.cell) == (binding.schema, binding.cell) and (
+                b.instance_id != binding.instance_id or b.rpc != binding.rpc or b.events != binding.events
+            ):
+                joined.rebind(binding)
+        if old is not None and old.rpc != new.rpc:
+            stale = self._conns.pop(old.rpc, None)
+            if stale is not None:
+                stale.close()
+
+    async def find(self, schema: str, cell: str, *, wait_s: float = 0.0) -> ServiceInfo:
+        """Where (schema, cell) runs. Waits up to ``wait_s`` for it to register.
+
+        Raises NotFound if naming has never heard of it, Unavailable if it is planned but
+        not running now.
+        """
+        if (schema, cell) == (NAMING_SCHEMA, NAMING_CELL):
+            b = self._naming_binding
+            return ServiceInfo(schema, cell, "", b.rpc, b.events, b.instance_id, "open", 0, 0.0)
+        naming = await self.naming()
+        key = (schema, cell)
+        if key not in naming.table("instances") and wait_s > 0:
+            try:
+                await naming.wait_for(lambda c: key in c.table("instances"), wait_s)
+            except TimeoutError:
+                pass
+        row = naming.table("instances").get(key)
+        if row is None:
+            if key in naming.table("services"):
+                state = naming.table("services")[key]
+                raise Unavailable(f"{schema} at {cell} is not running ({state.actual})")  # type: ignore[attr-defined]
+            raise NotFound(f"no instance of {schema} at {cell}")
+        return ServiceInfo(*row[:9])  # type: ignore[misc]
+
+    async def services(self) -> dict[str, list[dict[str, Any]]]:
+        """Every registration and every administration state, as naming knows them."""
+        naming = await self.naming()
+        return {
+            rel: [r._asdict() for r in naming.rows(rel)]  # type: ignore[attr-defined]
+            for rel in ("instances", "services")
+        }
+
+    # --- operations -----------------------------------------------------------------------
+
+    async def call(
+        self, cell: str, schema: str, operation: str, /, *, timeout_s: float | None = None, **args: Any
+    ) -> Any:
+        """Call ``operation`` of (schema, cell) with keyword arguments; its result.
+
+        Raises the typed error of the reply, CallTimeout after ``timeout_s``, NotFound or
+        Unavailable when naming knows no running instance.
+        """
+        return await self.call_args(cell, schema, operation, args, timeout_s=timeout_s)
+
+    async def call_args(
+        self, cell: str, schema: str, operation: str, args: Mapping[str, Any], *, timeout_s: float | None = None
+    ) -> Any:
+        """:meth:`call` with the arguments as a mapping (names that clash with ours)."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        info = await self.find(schema, cell)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            from .errors import CallTimeout
+
+            raise CallTimeout(f"no time left to call {operation} on {schema} at {cell}")
+        return await self._connection(info.rpc).call(schema, cell, operation, args, remaining)
+
+    # --- following --------------------------------------------------------------------------
+
+    async def cache(self, cell: str, schema: str, *, timeout_s: float | None = None) -> Cache:
+        """Join (schema, cell) and keep a live local copy of its relations."""
+        info = await self.find(schema, cell)
+        cache = Cache(info.binding(), self._connection)
+        await self._track(cache, timeout_s)
+        return cache
+
+    async def follow(
+        self,
+        cell: str,
+        schema: str,
+        on_batch: Callable[[Batch], None],
+        *,
+        on_dump: Callable[[Mapping[str, list[list[Any]]]], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> Follower:
+        """Receive delta batches of (schema, cell) without caching them."""
+        info = await self.find(schema, cell)
+        follower = Follower(info.binding(), self._connection, on_batch, on_dump)
+        await self._track(follower, timeout_s)
+        return follower
+
+    async def _track(self, joined: _Joined, timeout_s: float | None) -> None:
+        self._joined.append(joined)
+        try:
+            await joined._start(self.timeout_s if timeout_s is None else timeout_s)
+        except BaseException:
+            self._joined.remove(joined)
+            raise
+
+    async def close(self) -> None:
+        """Close every cache, follower and connection this client made."""
+        if self.closed:
+            return
+        for joined in self._joined:
+            await joined.close()
+        self._joined.clear()
+        if self._naming is not None:
+            await self._naming.close()
+        self.closed = True
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()

@@ -1,0 +1,229 @@
+"""Running requests against one instance, sans-IO.
+
+:class:`InstanceCore` holds a schema object, its store and the channel sequencer. It is
+given request frames and answers with reply frames; commits leave change batches in the
+sequencer for the I/O layer to publish. Nothing here touches a socket, so the tests drive
+it directly and fuzz it with arbitrary frames.
+
+Every request ends in exactly one reply: a result, or a typed error (DESIGN.md §4). An
+operation that raises rolls its transaction back and answers ``remote_failure`` with the
+exception's message only; the traceback stays in the instance's log. Frames that are not
+a request are counted in ``stats.malformed`` and answered with ``protocol_error`` when a
+correlation id can be read, else dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import (
+    BadArguments,
+    ConstraintViolation,
+    NotFound,
+    ProtocolError,
+    RemoteError,
+    RemoteFailure,
+    RemoteProtocolError,
+    StoreError,
+)
+from .protocol.channel import ChannelSequencer
+from .protocol.codec import encode_error, encode_reply, pack, parse_request
+from .protocol.messages import INSTANCE_ID_BYTES, Change, Request
+from .schema import OperationSpec, OpKind, Param, Protection, Schema
+from .store import Store, Transaction
+
+log = logging.getLogger(__name__)
+
+_TYPE_CHECKS: Mapping[str, Callable[[Any], bool]] = {
+    "str": lambda v: type(v) is str,
+    "int": lambda v: type(v) is int,
+    "float": lambda v: type(v) in (float, int),
+    "bool": lambda v: type(v) is bool,
+    "bytes": lambda v: type(v) is bytes,
+    "list": lambda v: type(v) is list,
+    "map": lambda v: type(v) is dict,
+    "any": lambda v: True,
+}
+
+
+@dataclass(slots=True)
+class InstanceStats:
+    """What an instance counts; served by ``get_stats``."""
+
+    requests: int = 0
+    errors: int = 0
+    malformed: int = 0
+    commits: int = 0
+    changes: int = 0
+    deltas_sent: int = 0
+
+
+def check_arguments(spec: OperationSpec, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments, validated against the declaration; else :class:`BadArguments`."""
+    known = {p.name: p for p in spec.params}
+    unknown = sorted(set(args) - known.keys())
+    if unknown:
+        raise BadArguments(f"{spec.name}: unknown argument {unknown[0]!r}", {"argument": unknown[0]})
+    out: dict[str, Any] = {}
+    for p in spec.params:
+        if p.name not in args:
+            if p.required:
+                raise BadArguments(f"{spec.name}: missing argument {p.name!r}", {"argument": p.name})
+            continue
+        out[p.name] = _check_param(spec, p, args[p.name])
+    return out
+
+
+def _check_param(spec: OperationSpec, p: Param, value: Any) -> Any:
+    if value is None and p.nullable:
+        return None
+    if not _TYPE_CHECKS[p.type_name](value):
+        raise BadArguments(
+            f"{spec.name}: argument {p.name!r} must be {p.type_name}, got {type(value).__name__}",
+            {"argument": p.name, "expected": p.type_name},
+        )
+    if p.type_name == "float" and type(value) is int:
+        return float(value)
+    return value
+
+
+class InstanceCore:
+    """One running instance of a schema in a cell (see module docstring)."""
+
+    def __init__(
+        self,
+        schema: type[Schema],
+        cell: str,
+        store: Store,
+        *,
+        options: Mapping[str, Any] | None = None,
+        protection: Protection | None = None,
+        instance_id: bytes | None = None,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.schema = schema
+        self.cell = cell
+        self.store = store
+        self.obj = schema(cell, options)
+        self.protection = protection or schema.default_protection
+        self.instance_id = instance_id or os.urandom(INSTANCE_ID_BYTES)
+        self.sequencer = ChannelSequencer(self.instance_id)
+        self.stats = InstanceStats()
+        self.started = time.time()
+        self.endpoints: dict[str, str] = {}
+        self.epoch = 0
+        self._on_commit = on_commit or (lambda: None)
+
+    @property
+    def name(self) -> str:
+        return self.schema.schema_name
+
+    # --- requests ------------------------------------------------------------------------
+
+    def handle(self, frames: list[bytes]) -> list[bytes] | None:
+        """Answer one request's frames with reply frames (None: dropped)."""
+        try:
+            req = parse_request(frames)
+        except ProtocolError as exc:
+            self.stats.malformed += 1
+            log.debug("%s@%s: malformed request dropped: %s", self.name, self.cell, exc)
+            corr = _salvage_corr_id(frames)
+            if corr is None:
+                return None
+            return encode_error(corr, RemoteProtocolError.code, str(exc), {})
+        self.stats.requests += 1
+        try:
+            result = self.execute(req)
+            return encode_reply(req.corr_id, result)
+        except RemoteError as err:
+            self.stats.errors += 1
+            return encode_error(req.corr_id, err.code, err.message, err.detail)
+        except ValueError as exc:  # a result that cannot be packed
+            self.stats.errors += 1
+            return encode_error(req.corr_id, RemoteFailure.code, str(exc), {})
+
+    def execute(self, req: Request) -> Any:
+        if req.schema != self.name or req.cell != self.cell:
+            raise NotFound(f"this endpoint serves {self.name} at {self.cell}, not {req.schema} at {req.cell}")
+        match req.operation:
+            case "get_dump":
+                return self.dump()
+            case "get_group":
+                return self.group()
+            case "get_stats":
+                return asdict(self.stats)
+        spec = self.schema.operations.get(req.operation)
+        if spec is None:
+            raise NotFound(f"{self.name} has no operation {req.operation!r}")
+        args = check_arguments(spec, req.args)
+        return self.run_operation(spec, args)
+
+    def run_operation(self, spec: OperationSpec, args: Mapping[str, Any]) -> Any:
+        tx = self.store.transaction(writable=spec.kind is OpKind.UPDATE)
+        try:
+            result = spec.func(self.obj, tx, **args)
+            body = pack(result)  # a result that cannot travel fails before anything commits
+        except RemoteError:
+            tx.rollback()
+            raise
+        except ConstraintViolation as exc:
+            tx.rollback()
+            raise RemoteFailure(str(exc)) from None
+        except Exception as exc:
+            tx.rollback()
+            log.exception("%s@%s: operation %s raised", self.name, self.cell, spec.name)
+            raise RemoteFailure(f"{spec.name} failed: {type(exc).__name__}: {exc}") from None
+        self.commit(tx)
+        del body
+        return result
+
+    def commit(self, tx: Transaction) -> tuple[Change, ...]:
+        """Commit a transaction and stage its changes for the channel."""
+        try:
+            changes = tx.commit()
+        except StoreError as exc:
+            log.error("%s@%s: %s", self.name, self.cell, exc)
+            raise RemoteFailure("the instance could not store the change") from None
+        if changes:
+            self.sequencer.commit(changes)
+            self.stats.commits += 1
+            self.stats.changes += len(changes)
+            self._on_commit()
+        return changes
+
+    # --- built-in operations ------------------------------------------------------------
+
+    def dump(self) -> dict[str, Any]:
+        return {"instance_id": self.instance_id, "seq": self.sequencer.seq, "relations": self.store.snapshot()}
+
+    def group(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id,
+            "seq": self.sequencer.seq,
+            "protection": self.protection.value,
+            "epoch": self.epoch,
+            "rpc": self.endpoints.get("rpc", ""),
+            "events": self.endpoints.get("events", ""),
+            "schema": self.schema.describe(),
+        }
+
+
+def _salvage_corr_id(frames: list[bytes]) -> int | None:
+    """The correlation id of a request too broken to run, if it can be read."""
+    try:
+        from .protocol.codec import parse_header, unpack
+
+        if len(frames) != 2:
+            return None
+        parse_header(bytes(frames[0]))
+        body = unpack(bytes(frames[1]))
+    except ProtocolError:
+        return None
+    if isinstance(body, list) and body and type(body[0]) is int and 0 <= body[0] < 2**64:
+        return body[0]
+    return None

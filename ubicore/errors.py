@@ -1,0 +1,185 @@
+"""The error tree: everything ubicore raises on purpose.
+
+::
+
+    UbiError                       root: catch this to catch everything ubicore means to raise
+    ├── ConfigError                a site file is wrong; names the file and the key path
+    ├── SchemaError                a schema declaration is wrong; names the schema and member
+    ├── ProtocolError              bytes that are not a valid ubicore message
+    ├── StoreError                 the embedded database failed or holds foreign data
+    ├── ConstraintViolation        an operation broke a relation's key or column rules
+    └── RemoteError                an operation call failed; ``code`` is its wire code
+        ├── NotFound               no such schema, cell or operation
+        ├── BadArguments           arguments missing, unknown or of the wrong type
+        ├── AuthenticationRequired the action needs a session and there is none
+        ├── AuthenticationFailed   the credentials were refused
+        ├── PermissionDenied       the principal lacks the right; ``groups`` would allow it
+        ├── Unavailable            the instance is not running or not reachable
+        ├── CallTimeout            no reply before the deadline (also a ``TimeoutError``)
+        ├── RemoteFailure          the operation raised; ``message`` is all that crosses
+        └── RemoteProtocolError    the peer could not parse what we sent
+
+Foreign exceptions (zmq, msgpack, sqlite3, yaml) are translated where they arise.
+API misuse by a caller stays ``TypeError`` / ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+__all__ = [
+    "AuthenticationFailed",
+    "AuthenticationRequired",
+    "BadArguments",
+    "CallTimeout",
+    "ConfigError",
+    "ConstraintViolation",
+    "NotFound",
+    "PermissionDenied",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteFailure",
+    "RemoteProtocolError",
+    "SchemaError",
+    "StoreError",
+    "UbiError",
+    "Unavailable",
+    "remote_error_from_wire",
+]
+
+
+class UbiError(Exception):
+    """Root of every error ubicore raises on purpose."""
+
+
+class ConfigError(UbiError):
+    """Raised when a site file cannot be used. Fix the file at ``key_path``.
+
+    ``str(err)`` reads ``cells/demo.yaml: hosts.host-b.address: <problem>``.
+    """
+
+    def __init__(self, file: str, key_path: str, problem: str) -> None:
+        self.file = file
+        self.key_path = key_path
+        self.problem = problem
+        where = f"{file}: {key_path}" if key_path else file
+        super().__init__(f"{where}: {problem}")
+
+
+class SchemaError(UbiError):
+    """Raised at import when a schema declaration is wrong. Fix the named member."""
+
+
+class ProtocolError(UbiError):
+    """Raised when bytes received are not a valid ubicore message.
+
+    Receivers drop the message, count it and keep serving; the text says what was wrong
+    and never echoes secret material.
+    """
+
+
+class StoreError(UbiError):
+    """Raised when an instance's embedded database fails or holds data of another shape."""
+
+
+class ConstraintViolation(UbiError):
+    """Raised inside an operation that inserts a duplicate key, updates a missing row or
+    gives a column a value of the wrong type. The transaction is rolled back."""
+
+
+class RemoteError(UbiError):
+    """An operation call failed. ``code`` is the wire code; ``message`` is for people."""
+
+    code: ClassVar[str] = "remote_failure"
+
+    def __init__(self, message: str = "", detail: Mapping[str, Any] | None = None) -> None:
+        if not message:
+            message = (type(self).__doc__ or "remote error").split(".")[0]
+        self.message = message
+        self.detail: dict[str, Any] = dict(detail or {})
+        super().__init__(self.message)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The error as it travels in a reply body (docs/protocol.md, Errors)."""
+        return {"code": self.code, "message": self.message, "detail": self.detail}
+
+
+class NotFound(RemoteError):
+    """No such schema, cell or operation. Check the names with ``ubi services``."""
+
+    code = "not_found"
+
+
+class BadArguments(RemoteError):
+    """The arguments were missing, unknown or of the wrong type. Fix the call."""
+
+    code = "bad_arguments"
+
+
+class AuthenticationRequired(RemoteError):
+    """The action needs an authenticated session. Log in and retry."""
+
+    code = "auth_required"
+
+
+class AuthenticationFailed(RemoteError):
+    """The credentials were refused. Check the user name and password."""
+
+    code = "auth_failed"
+
+
+class PermissionDenied(RemoteError):
+    """The principal lacks the right. ``groups`` lists descriptions of groups that would allow it."""
+
+    code = "permission_denied"
+
+    @property
+    def groups(self) -> Sequence[str]:
+        return tuple(self.detail.get("groups", ()))
+
+
+class Unavailable(RemoteError):
+    """The instance is not running or not reachable. Retry later or check the controller."""
+
+    code = "unavailable"
+
+
+class CallTimeout(RemoteError, TimeoutError):
+    """No reply came before the deadline. The operation may or may not have run."""
+
+    code = "timeout"
+
+
+class RemoteFailure(RemoteError):
+    """The operation raised. Only its message crosses the wire, never a traceback."""
+
+    code = "remote_failure"
+
+
+class RemoteProtocolError(RemoteError):
+    """The peer could not parse what we sent: a version or codec mismatch."""
+
+    code = "protocol_error"
+
+
+_BY_CODE: dict[str, type[RemoteError]] = {
+    cls.code: cls
+    for cls in (
+        NotFound,
+        BadArguments,
+        AuthenticationRequired,
+        AuthenticationFailed,
+        PermissionDenied,
+        Unavailable,
+        CallTimeout,
+        RemoteFailure,
+        RemoteProtocolError,
+    )
+}
+
+
+def remote_error_from_wire(code: str, message: str, detail: Mapping[str, Any]) -> RemoteError:
+    """Rebuild the typed error from a reply; an unknown code becomes ``RemoteFailure``."""
+    cls = _BY_CODE.get(code, RemoteFailure)
+    return cls(message, detail)

@@ -1,0 +1,207 @@
+"""Encoding and parsing of wire messages: records ⇄ ZeroMQ frames.
+
+Frame layout (every message; docs/protocol.md has the full field tables)::
+
+    frame 0, header, exactly 4 bytes
+      offset 0  2 bytes  magic  b"UB"
+      offset 2  1 byte   protocol version (1)
+      offset 3  1 byte   message kind (messages.Kind)
+    frame 1, body: one msgpack array, its shape fixed by the kind
+
+Every ``parse_*`` answers any input with a record or :class:`ProtocolError`, never any
+other exception: the property tests feed it arbitrary bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgpack
+
+from ..errors import ProtocolError
+from .messages import (
+    INSTANCE_ID_BYTES,
+    MAGIC,
+    PROTOCOL_VERSION,
+    Change,
+    ChannelMessage,
+    Delta,
+    ErrorReply,
+    Heartbeat,
+    Kind,
+    Reply,
+    Request,
+    ServerMessage,
+)
+
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+"""Bodies larger than this are refused before unpacking (a 100,000-row dump is ~10 MiB)."""
+
+_HEADERS = {kind: MAGIC + bytes((PROTOCOL_VERSION, kind)) for kind in Kind}
+HEADER_REQUEST = _HEADERS[Kind.REQUEST]
+HEADER_REPLY = _HEADERS[Kind.REPLY]
+HEADER_ERROR = _HEADERS[Kind.ERROR]
+HEADER_DELTA = _HEADERS[Kind.DELTA]
+HEADER_HEARTBEAT = _HEADERS[Kind.HEARTBEAT]
+
+_packb = msgpack.Packer(use_bin_type=True, strict_types=False).pack
+_MAX_UINT64 = 2**64 - 1
+
+
+def pack(value: Any) -> bytes:
+    """Pack a body with the project's msgpack settings (bin for bytes, str for text)."""
+    try:
+        return _packb(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"value cannot travel on the wire: {exc}") from None
+
+
+def unpack(body: bytes) -> Any:
+    """Unpack a body; malformed msgpack becomes :class:`ProtocolError`."""
+    if len(body) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"body of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise ProtocolError(f"malformed msgpack body: {type(exc).__name__}") from None
+
+
+def parse_header(frame: bytes) -> Kind:
+    """The kind named by a header frame, after checking magic and version."""
+    if len(frame) != 4 or frame[:2] != MAGIC:
+        raise ProtocolError("not a ubicore header frame")
+    if frame[2] != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {frame[2]}")
+    try:
+        return Kind(frame[3])
+    except ValueError:
+        raise ProtocolError(f"unknown message kind 0x{frame[3]:02x}") from None
+
+
+def _split(frames: Sequence[bytes]) -> tuple[Kind, Any]:
+    if len(frames) != 2:
+        raise ProtocolError(f"expected 2 frames, got {len(frames)}")
+    return parse_header(bytes(frames[0])), unpack(bytes(frames[1]))
+
+
+def _array(body: Any, n: int, what: str) -> list[Any]:
+    if not isinstance(body, list) or len(body) != n:
+        raise ProtocolError(f"{what} body must be an array of {n}")
+    return body
+
+
+def _uint(value: Any, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= _MAX_UINT64:
+        raise ProtocolError(f"{what} must be an unsigned integer")
+    return value
+
+
+def _str(value: Any, what: str) -> str:
+    if type(value) is not str:
+        raise ProtocolError(f"{what} must be a string")
+    return value
+
+
+def _map(value: Any, what: str) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise ProtocolError(f"{what} must be a map")
+    return value
+
+
+def _instance_id(value: Any) -> bytes:
+    if type(value) is not bytes or len(value) != INSTANCE_ID_BYTES:
+        raise ProtocolError(f"instance id must be {INSTANCE_ID_BYTES} bytes")
+    return value
+
+
+# --- requests and replies ---------------------------------------------------------------
+
+
+def encode_request(req: Request) -> list[bytes]:
+    return [
+        HEADER_REQUEST,
+        pack([req.corr_id, req.schema, req.cell, req.operation, dict(req.args), req.timeout_ms]),
+    ]
+
+
+def parse_request(frames: Sequence[bytes]) -> Request:
+    kind, body = _split(frames)
+    if kind is not Kind.REQUEST:
+        raise ProtocolError(f"expected a request, got {kind.name.lower()}")
+    corr, schema, cell, op, args, timeout_ms = _array(body, 6, "request")
+    return Request(
+        _uint(corr, "corr_id"),
+        _str(schema, "schema"),
+        _str(cell, "cell"),
+        _str(op, "operation"),
+        _map(args, "args"),
+        _uint(timeout_ms, "timeout_ms"),
+    )
+
+
+def encode_reply(corr_id: int, result: Any) -> list[bytes]:
+    return [HEADER_REPLY, pack([corr_id, result])]
+
+
+def encode_error(corr_id: int, code: str, message: str, detail: Mapping[str, Any]) -> list[bytes]:
+    return [HEADER_ERROR, pack([corr_id, code, message, dict(detail)])]
+
+
+def parse_server_message(frames: Sequence[bytes]) -> ServerMessage:
+    kind, body = _split(frames)
+    if kind is Kind.REPLY:
+        corr, result = _array(body, 2, "reply")
+        return Reply(_uint(corr, "corr_id"), result)
+    if kind is Kind.ERROR:
+        corr, code, message, detail = _array(body, 4, "error")
+        return ErrorReply(
+            _uint(corr, "corr_id"), _str(code, "code"), _str(message, "message"), _map(detail, "detail")
+        )
+    raise ProtocolError(f"expected a reply, got {kind.name.lower()}")
+
+
+# --- event channel ----------------------------------------------------------------------
+
+
+def encode_delta_batches(instance_id: bytes, first_seq: int, batches: Sequence[Sequence[Change]]) -> list[bytes]:
+    """Frames for consecutive commit batches; changes are ``(relation, op, row)`` triples."""
+    return [HEADER_DELTA, pack([instance_id, first_seq, batches])]
+
+
+def encode_delta(delta: Delta) -> list[bytes]:
+    return encode_delta_batches(delta.instance_id, delta.first_seq, delta.batches)
+
+
+def encode_heartbeat(hb: Heartbeat) -> list[bytes]:
+    return [HEADER_HEARTBEAT, pack([hb.instance_id, hb.seq])]
+
+
+def _parse_batches(raw: Any) -> tuple[tuple[Change, ...], ...]:
+    if type(raw) is not list or not raw:
+        raise ProtocolError("delta batches must be a non-empty array")
+    out = []
+    for batch in raw:
+        if type(batch) is not list:
+            raise ProtocolError("a delta batch must be an array")
+        changes = []
+        for ch in batch:
+            if type(ch) is not list or len(ch) != 3:
+                raise ProtocolError("a change must be an array of 3")
+            rel, op, row = ch
+            if type(rel) is not str or type(op) is not int or not 1 <= op <= 3 or type(row) is not list:
+                raise ProtocolError("a change must be [relation, op 1..3, row array]")
+            changes.append(Change(rel, op, tuple(row)))
+        out.append(tuple(changes))
+    return tuple(out)
+
+
+def parse_channel_message(frames: Sequence[bytes]) -> ChannelMessage:
+    kind, body = _split(frames)
+    if kind is Kind.DELTA:
+        iid, first, batches = _array(body, 3, "delta")
+        return Delta(_instance_id(iid), _uint(first, "first_seq"), _parse_batches(batches))
+    if kind is Kind.HEARTBEAT:
+        iid, seq = _array(body, 2, "heartbeat")
+        return Heartbeat(_instance_id(iid), _uint(seq, "seq"))
+    raise ProtocolError(f"expected a channel message, got {kind.name.lower()}")

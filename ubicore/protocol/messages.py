@@ -1,0 +1,109 @@
+"""Wire messages as typed, immutable records: one union per direction.
+
+A message travels as ZeroMQ frames ``[header, body]`` (docs/protocol.md): the header
+carries the protocol version and the message kind, the body is msgpack. This module
+holds only the records; :mod:`ubicore.protocol.codec` turns them into frames and back.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+PROTOCOL_VERSION = 1
+MAGIC = b"UB"
+
+
+class Kind(enum.IntEnum):
+    """The message kind: byte 3 of the header frame."""
+
+    REQUEST = 0x01
+    REPLY = 0x02
+    ERROR = 0x03
+    DELTA = 0x10
+    HEARTBEAT = 0x11
+
+
+class Op(enum.IntEnum):
+    """What a change does to a row."""
+
+    INSERT = 1
+    UPDATE = 2
+    DELETE = 3
+
+
+class Change(NamedTuple):
+    """One row change. ``row`` is the full new row for insert and update, the key
+    values for delete, each in the relation's declared column order."""
+
+    relation: str
+    op: int
+    row: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Client → instance: call ``operation`` with keyword ``args``.
+
+    ``timeout_ms`` is the caller's remaining deadline when it sent the request (0 for
+    none); an instance drops requests it could only answer after the caller gave up.
+    """
+
+    corr_id: int
+    schema: str
+    cell: str
+    operation: str
+    args: Mapping[str, Any]
+    timeout_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Instance → client: the operation with ``corr_id`` succeeded with ``result``."""
+
+    corr_id: int
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """Instance → client: the operation with ``corr_id`` failed with a typed error."""
+
+    corr_id: int
+    code: str
+    message: str
+    detail: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """Event channel: consecutive commit batches of one instance.
+
+    Batch ``i`` of ``batches`` has sequence number ``first_seq + i``; each batch holds
+    the changes of one committed transaction, in order.
+    """
+
+    instance_id: bytes
+    first_seq: int
+    batches: tuple[tuple[Change, ...], ...]
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.batches) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Event channel: the instance is alive and its last committed sequence is ``seq``."""
+
+    instance_id: bytes
+    seq: int
+
+
+ClientMessage = Request
+ServerMessage = Reply | ErrorReply
+ChannelMessage = Delta | Heartbeat
+
+INSTANCE_ID_BYTES = 16

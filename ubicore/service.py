@@ -1,0 +1,168 @@
+"""Running one instance over ZeroMQ: a ROUTER for operations, a PUB for its channel.
+
+The :class:`~ubicore.dispatch.InstanceCore` does the work; this module only moves its
+frames. Commits made back to back inside one loop turn leave the instance as one delta
+message (at most ``MAX_COALESCED_BATCHES`` batches each), which is how the channel beats
+one-message-per-event. Heartbeats, sent after any pending delta, carry the last
+sequence so that followers notice a lost tail. The PUB socket never blocks: a subscriber
+that falls past its high-water mark loses messages, notices the gap and re-dumps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import zmq
+
+from .dispatch import InstanceCore
+from .protocol.codec import encode_delta_batches, encode_heartbeat
+from .protocol.messages import Heartbeat
+from .store import Transaction
+from .transport.sockets import Pump, bind, make_socket
+
+log = logging.getLogger(__name__)
+
+MAX_COALESCED_BATCHES = 256
+DEFAULT_HEARTBEAT_S = 1.0
+PUB_HWM = 100_000
+
+
+class InstanceContext:
+    """What a schema's ``run(self, ctx)`` gets: its cell, options and transactions."""
+
+    def __init__(self, server: InstanceServer) -> None:
+        self._server = server
+        self.cell = server.core.cell
+        self.options: Mapping[str, Any] = server.core.obj.options
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """Commit on leaving the block and publish the changes; roll back on error."""
+        tx = self._server.core.store.transaction()
+        try:
+            yield tx
+        except BaseException:
+            tx.rollback()
+            raise
+        self._server.core.commit(tx)
+
+
+class InstanceServer:
+    """Serves one instance core on ``address`` (ports 0: any free port)."""
+
+    def __init__(
+        self,
+        core: InstanceCore,
+        *,
+        address: str = "127.0.0.1",
+        rpc_port: int = 0,
+        event_port: int = 0,
+        heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+    ) -> None:
+        self.core = core
+        self._address = address
+        self._ports = (rpc_port, event_port)
+        self._heartbeat_s = heartbeat_s
+        self._router: Pump | None = None
+        self._pub: zmq.Socket[bytes] | None = None
+        self._flush_scheduled = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        core._on_commit = self._committed
+
+    @property
+    def rpc_endpoint(self) -> str:
+        return self.core.endpoints["rpc"]
+
+    @property
+    def event_endpoint(self) -> str:
+        return self.core.endpoints["events"]
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        host = f"[{self._address}]" if ":" in self._address else self._address
+        pub = make_socket(zmq.PUB, hwm=PUB_HWM)
+        router = make_socket(zmq.ROUTER, hwm=PUB_HWM)
+        try:
+            events = bind(pub, f"tcp://{host}:{self._ports[1] or '*'}")
+            rpc = bind(router, f"tcp://{host}:{self._ports[0] or '*'}")
+        except BaseException:
+            pub.close(0)
+            router.close(0)
+            raise
+        self._pub = pub
+        self.core.endpoints.update(rpc=rpc, events=events)
+        self._router = Pump(router, self._on_request, self._loop)
+        self._tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeats"))
+        if hasattr(self.core.obj, "run"):
+            self._tasks.append(asyncio.create_task(self._run_schema(), name="schema-run"))
+        log.info("%s@%s serving rpc %s events %s", self.core.name, self.core.cell, rpc, events)
+
+    async def _run_schema(self) -> None:
+        try:
+            await self.core.obj.run(InstanceContext(self))  # type: ignore[attr-defined]
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s@%s: run() raised; the instance keeps serving", self.core.name, self.core.cell)
+
+    def _on_request(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            self.core.stats.malformed += 1
+            return
+        reply = self.core.handle(frames[1:])
+        if reply is not None and self._router is not None:
+            try:
+                self._router.send([frames[0], *reply])
+            except Exception as exc:
+                log.warning("%s@%s: reply not sent: %s", self.core.name, self.core.cell, exc)
+
+    def _committed(self) -> None:
+        if self.core.sequencer.pending_batches >= MAX_COALESCED_BATCHES:
+            self.flush()
+        elif not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send every batch committed since the last flush as one delta message."""
+        self._flush_scheduled = False
+        if self._pub is None:
+            return
+        taken = self.core.sequencer.take_batches()
+        if taken is None:
+            return
+        frames = encode_delta_batches(self.core.instance_id, taken[0], taken[1])
+        self._pub.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        self.core.stats.deltas_sent += 1
+
+    def heartbeat(self) -> None:
+        self.flush()
+        if self._pub is not None:
+            hb = Heartbeat(self.core.instance_id, self.core.sequencer.seq)
+            self._pub.send_multipart(encode_heartbeat(hb), zmq.NOBLOCK)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            self.heartbeat()
+            await asyncio.sleep(self._heartbeat_s)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._pub is not None:
+            self.flush()
+            self._pub.close(0)
+            self._pub = None
+        if self._router is not None:
+            self._router.close()
+            self._router = None
+        self.core.store.close()

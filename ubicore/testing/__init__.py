@@ -1,0 +1,1 @@
+"""Helpers for tests of ubicore and of applications built on it."""

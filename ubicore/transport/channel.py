@@ -1,0 +1,45 @@
+"""Receiving an event channel over a SUB socket."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import zmq
+
+from ..errors import ProtocolError
+from ..protocol.codec import parse_channel_message
+from ..protocol.messages import ChannelMessage
+from .sockets import Pump, make_socket
+
+log = logging.getLogger(__name__)
+
+SUB_HWM = 100_000
+
+
+class Subscription:
+    """A SUB socket on one event endpoint; parsed messages go to ``on_message``.
+
+    Malformed or foreign messages are dropped and counted in ``malformed``.
+    """
+
+    def __init__(self, endpoint: str, on_message: Callable[[ChannelMessage], None], *, hwm: int = SUB_HWM) -> None:
+        self.endpoint = endpoint
+        self.malformed = 0
+        self._on_message = on_message
+        sock = make_socket(zmq.SUB, hwm=hwm)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(endpoint)
+        self._pump = Pump(sock, self._on_frames)
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        try:
+            msg = parse_channel_message(frames)
+        except ProtocolError as exc:
+            self.malformed += 1
+            log.debug("dropped a malformed channel message from %s: %s", self.endpoint, exc)
+            return
+        self._on_message(msg)
+
+    def close(self) -> None:
+        self._pump.close()
