@@ -1,2 +1,321 @@
+"""The ``ubi`` command: thin click commands over the SDK and the process runners.
+
+Each command parses its options, calls the library and prints the outcome. The
+library's own errors become one line on stderr and exit status 1; usage mistakes exit 2
+(click). Nothing here prints a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+import yaml
+
+from ubicore.client import Client
+from ubicore.config import SiteConfig, load_site
+from ubicore.errors import BadArguments, UbiError
+
+from . import format as fmt
+
+T = TypeVar("T")
+DEFAULT_SITE = "cells/demo.yaml"
+
+
+def _fail(message: str) -> None:
+    click.echo(f"ubi: {message}", err=True)
+    sys.exit(1)
+
+
+def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return asyncio.run(coro_fn())  # type: ignore[arg-type]
+    except UbiError as exc:
+        code = getattr(exc, "code", None)
+        _fail(f"{code}: {exc}" if code else str(exc))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    raise AssertionError("unreachable")
+
+
+def _site(ctx: click.Context) -> SiteConfig:
+    obj = ctx.ensure_object(dict)
+    if "site" not in obj:
+        try:
+            obj["site"] = load_site(obj["site_path"])
+        except UbiError as exc:
+            _fail(str(exc))
+    site: SiteConfig = obj["site"]
+    return site
+
+
+async def _until_signalled(body: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    from ubicore.supervisor import stop_on_signals
+
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    await body(stop)
+
+
+@click.group()
+@click.option("--site", "site_path", envvar="UBI_SITE", default=DEFAULT_SITE, show_default=True,
+              help="The site file (also $UBI_SITE).")
+@click.option("--log-level", envvar="UBI_LOG_LEVEL", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="Also $UBI_LOG_LEVEL.")
+@click.pass_context
+def cli(ctx: click.Context, site_path: str, log_level: str) -> None:
+    """ubicore: cell-based schema services for sites full of sensors."""
+    logging.basicConfig(
+        level=log_level.upper(), format=f"%(asctime)s {os.getpid()} %(name)s %(levelname)s %(message)s"
+    )
+    os.environ["UBI_LOG_LEVEL"] = log_level  # children log alike
+    ctx.ensure_object(dict)["site_path"] = site_path
+
+
+# --- processes ----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--exit-with-parent", is_flag=True, help="Stop when the parent process dies.")
+@click.pass_context
+def core(ctx: click.Context, exit_with_parent: bool) -> None:
+    """Run the core services of the site (naming)."""
+    from ubicore.controller import run_core
+
+    site = _site(ctx)
+    _run(lambda: _until_signalled(lambda stop: run_core(site, stop, exit_with_parent=exit_with_parent)))
+
+
+@cli.command()
+@click.option("--host", required=True, help="The host of the site file this controller runs.")
+@click.option("--exit-with-parent", is_flag=True, help="Stop when the parent process dies.")
+@click.pass_context
+def controller(ctx: click.Context, host: str, exit_with_parent: bool) -> None:
+    """Run, restart and report the instances of one host."""
+    from ubicore.controller import run_controller
+
+    site = _site(ctx)
+    if host not in site.hosts:
+        _fail(f"{site.source}: no host {host!r}; hosts are {', '.join(site.hosts)}")
+    _run(lambda: _until_signalled(lambda stop: run_controller(site, host, stop, exit_with_parent=exit_with_parent)))
+
+
+@cli.command(hidden=True)
+@click.argument("schema")
+@click.argument("cell")
+@click.option("--exit-with-parent", is_flag=True)
+@click.pass_context
+def instance(ctx: click.Context, schema: str, cell: str, exit_with_parent: bool) -> None:
+    """Run one instance (controllers start these)."""
+    from ubicore.controller import run_instance
+
+    site = _site(ctx)
+    if site.instance(schema, cell) is None:
+        _fail(f"{site.source}: no deployment runs {schema} at {cell}")
+    _run(lambda: _until_signalled(lambda stop: run_instance(site, schema, cell, stop, exit_with_parent=exit_with_parent)))
+
+
+@cli.group()
+def site() -> None:
+    """Whole sites on this machine."""
+
+
+@site.command("up")
+@click.argument("file", required=False)
+@click.pass_context
+def site_up(ctx: click.Context, file: str | None) -> None:
+    """Bring up the core and a controller for every host of FILE, until Ctrl-C."""
+    from ubicore.controller import run_site
+
+    if file is not None:
+        ctx.obj["site_path"] = file
+    cfg = _site(ctx)
+
+    def on_up(missing: Any) -> None:
+        if missing:
+            click.echo(f"not up in time: {', '.join(missing)}", err=True)
+        click.echo(f"site {cfg.name} up: {len(cfg.instances)} instances on {len(cfg.hosts)} hosts; Ctrl-C stops it")
+
+    _run(lambda: _until_signalled(lambda stop: run_site(cfg, stop, on_up=on_up)))
+    click.echo(f"site {cfg.name} stopped")
+
+
+@cli.command()
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
+@click.pass_context
+def demo(ctx: click.Context, duration: float | None) -> None:
+    """The demo site with a live client showing state changes as they happen."""
+    from .demo import run_demo
+
+    cfg = _site(ctx)
+    _run(lambda: _until_signalled(lambda stop: run_demo(cfg, stop, click.echo, duration)))
+
+
+# --- clients ------------------------------------------------------------------------------
+
+
+def _parse_value(type_name: str, text: str) -> Any:
+    if type_name == "str":
+        return text
+    if type_name == "int":
+        return int(text, 0)
+    if type_name == "float":
+        return float(text)
+    if type_name == "bool":
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if type_name == "bytes":
+        return bytes.fromhex(text[2:]) if text.startswith("0x") else text.encode()
+    return yaml.safe_load(text)
+
+
+def parse_arguments(params: list[list[Any]], pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``key=value`` words, converted by the operation's declared parameter types."""
+    types = {p[0]: p[1] for p in params}
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise BadArguments(f"expected key=value, got {pair!r}")
+        if key not in types:
+            raise BadArguments(f"unknown argument {key!r}; the operation takes {', '.join(types) or 'none'}")
+        try:
+            args[key] = _parse_value(types[key], text)
+        except (ValueError, yaml.YAMLError):
+            raise BadArguments(f"argument {key!r}: {text!r} is not a {types[key]}") from None
+    return args
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def services(ctx: click.Context, as_json: bool) -> None:
+    """What runs where, with its state."""
+    cfg = _site(ctx)
+
+    async def body() -> None:
+        async with Client.for_site(cfg) as client:
+            state = await client.services()
+        inst = {(r["schema"], r["cell"]): r for r in state["instances"]}
+        adm = {(r["schema"], r["cell"]): r for r in state["services"]}
+        rows = []
+        for key in sorted(set(inst) | set(adm)):
+            i, a = inst.get(key, {}), adm.get(key, {})
+            rows.append({
+                "schema": key[0], "cell": key[1], "host": i.get("host") or a.get("host", ""),
+                "state": a.get("actual", "running" if i else "unknown"), "restarts": a.get("restarts", 0),
+                "protection": i.get("protection", ""), "rpc": i.get("rpc", ""), "events": i.get("events", ""),
+                "pid": i.get("pid", 0),
+            })
+        if as_json:
+            click.echo(fmt.to_json(rows))
+        else:
+            cols = ["schema", "cell", "host", "state", "restarts", "protection", "rpc", "events"]
+            click.echo(fmt.table(cols, [[r[c] for c in cols] for r in rows]))
+
+    _run(body)
+
+
+@cli.command()
+@click.argument("cell")
+@click.argument("schema")
+@click.argument("operation")
+@click.argument("arguments", nargs=-1)
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the reply.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def call(ctx: click.Context, cell: str, schema: str, operation: str, arguments: tuple[str, ...],
+         timeout: float, as_json: bool) -> None:
+    """Call OPERATION of SCHEMA at CELL with key=value ARGUMENTS."""
+    cfg = _site(ctx)
+
+    async def body() -> Any:
+        async with Client.for_site(cfg, timeout_s=timeout) as client:
+            info = await client.find(schema, cell)
+            group = await client._connection(info.rpc).call(schema, cell, "get_group", {}, timeout)
+            ops = group["schema"]["operations"]
+            if operation not in ops and operation not in ("get_group", "get_dump", "get_stats"):
+                from ubicore.errors import NotFound
+
+                raise NotFound(f"{schema} has no operation {operation!r}; it has {', '.join(sorted(ops))}")
+            params = ops.get(operation, {"params": []})["params"]
+            args = parse_arguments(params, arguments)
+            return await client.call_args(cell, schema, operation, args, timeout_s=timeout)
+
+    result = _run(body)
+    click.echo(fmt.to_json(result) if as_json else fmt.result_text(result))
+
+
+def _print_tables(cache: Any, as_json: bool) -> None:
+    for name, info in cache.infos.items():
+        rows = sorted(cache.rows(name))
+        if as_json:
+            click.echo(fmt.to_json({"relation": name, "rows": rows}))
+        else:
+            click.echo(f"{name} ({len(rows)} rows)")
+            click.echo(fmt.table(list(info.columns), rows))
+
+
+@cli.command()
+@click.argument("cell")
+@click.argument("schema")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@click.pass_context
+def dump(ctx: click.Context, cell: str, schema: str, as_json: bool) -> None:
+    """Print the relations of SCHEMA at CELL."""
+    cfg = _site(ctx)
+
+    async def body() -> None:
+        async with Client.for_site(cfg) as client:
+            _print_tables(await client.cache(cell, schema), as_json)
+
+    _run(body)
+
+
+@cli.command()
+@click.argument("cell")
+@click.argument("schema")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
+@click.pass_context
+def watch(ctx: click.Context, cell: str, schema: str, as_json: bool, duration: float | None) -> None:
+    """Print the relations of SCHEMA at CELL, then every change as it happens."""
+    cfg = _site(ctx)
+
+    cache: Any = None
+
+    def show(rel: str, old: Any, new: Any) -> None:
+        if as_json:
+            op = "insert" if old is None else "delete" if new is None else "update"
+            click.echo(fmt.to_json({"relation": rel, "op": op, "old": old, "new": new}))
+        else:
+            click.echo(fmt.change_text(rel, old, new, cache.infos[rel].key_index))
+
+    async def body(stop: asyncio.Event) -> None:
+        nonlocal cache
+        async with Client.for_site(cfg) as client:
+            cache = await client.cache(cell, schema)
+            _print_tables(cache, as_json)
+            cache.on_change(show)
+            if duration is not None:
+                asyncio.get_running_loop().call_later(duration, stop.set)
+            await stop.wait()
+
+    _run(lambda: _until_signalled(body))
+
+
 def main() -> None:
-    pass
+    cli(prog_name="ubi")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""Shared helpers for the site file tests: the demo site, a minimal site, parsing a document."""
+"""Shared helpers for the site file tests (imported by name; not a conftest, so that test folders do not collide)."""
 
 from __future__ import annotations
 

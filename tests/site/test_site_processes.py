@@ -1,0 +1,128 @@
+"""A real site: separate processes, two loopback hosts, restarts, durability, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from ubicore.client import Client
+from ubicore.config import load_site
+from ubicore.controller import wait_until_up
+from ubicore.errors import RemoteError
+
+from ubicore.testing.processes import LiveSite, alive, start_site, stop_site, write_site
+
+CONFIG = "ULocationSystem::ConfigurationUpdate"
+POSITIONS = "ULocation::Positions"
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_hosts_are_separate_processes_on_their_own_addresses(live_site: LiveSite) -> None:
+    async def body() -> None:
+        async with live_site.client() as client:
+            a = await client.find(POSITIONS, "Zone-A")
+            b = await client.find(POSITIONS, "Zone-B")
+            cfg = await client.find(CONFIG, "Site")
+            assert a.rpc.startswith("tcp://127.0.0.1:") and a.events.startswith("tcp://127.0.0.1:")
+            assert b.rpc.startswith("tcp://127.0.0.2:") and b.events.startswith("tcp://127.0.0.2:")
+            assert len({a.pid, b.pid, cfg.pid, live_site.proc.pid}) == 4
+            assert all(alive(p) for p in (a.pid, b.pid, cfg.pid))
+            # Follow the host-b instance live from this process.
+            cache = await client.cache("Zone-B", POSITIONS)
+            seen: list[object] = []
+            cache.on_update("positions", lambda old, new: seen.append(new))
+            await cache.wait_for(lambda c: len(seen) >= 3, 10.0)
+            assert {r.tag for r in cache.rows("positions")} == {"T-001", "T-002", "T-003"}  # type: ignore[attr-defined]
+            services = await client.services()
+            states = {(r["schema"], r["cell"]): r["actual"] for r in services["services"]}
+            await asyncio.sleep(0)
+            assert states.get((POSITIONS, "Zone-B")) in ("running", "starting")
+
+    asyncio.run(body())
+
+
+def test_controller_restarts_a_killed_instance_and_clients_rebind(live_site: LiveSite) -> None:
+    async def body() -> None:
+        async with live_site.client() as client:
+            before = await client.find(POSITIONS, "Zone-A")
+            cache = await client.cache("Zone-A", POSITIONS)
+            await client.call("Zone-A", POSITIONS, "place", tag="MARK", x=1.0, y=2.0)
+            await cache.wait_for(lambda c: ("MARK",) in c.table("positions"))
+            os.kill(before.pid, signal.SIGKILL)
+            naming = await client.naming()
+            await naming.wait_for(
+                lambda n: (row := n.table("instances").get((POSITIONS, "Zone-A"))) is not None
+                and row.pid != before.pid, 20.0)  # type: ignore[attr-defined]
+            after = await client.find(POSITIONS, "Zone-A")
+            assert after.instance_id != before.instance_id
+            # The cache rebinds by itself: the volatile MARK row is gone, ticks flow again.
+            await cache.wait_for(lambda c: c.instance_id == after.instance_id and ("MARK",) not in c.table("positions")
+                                 and len(c.table("positions")) == 3, 20.0)
+            assert await client.call("Zone-A", POSITIONS, "where", tag="T-001")
+            await naming.wait_for(
+                lambda n: (s := n.table("services").get((POSITIONS, "Zone-A"))) is not None
+                and s.restarts >= 1 and s.actual == "running", 20.0)  # type: ignore[attr-defined]
+
+    asyncio.run(body())
+
+
+def test_acknowledged_updates_survive_kill_9(live_site: LiveSite) -> None:
+    async def body() -> None:
+        async with live_site.client() as client:
+            info = await client.find(CONFIG, "Site")
+            acked: list[str] = []
+            killed = False
+            for i in range(400):
+                name = f"K-{i:04d}"
+                try:
+                    await client.call("Site", CONFIG, "add_sensor", sensor=name, rate_hz=1.0 + i % 7, timeout_s=1.0)
+                    acked.append(name)
+                except RemoteError:
+                    break  # the instance is gone
+                if i == 60 and not killed:
+                    # Kill in the middle of the stream: further calls are in flight or queued.
+                    asyncio.get_running_loop().call_later(0.01, os.kill, info.pid, signal.SIGKILL)
+                    killed = True
+            assert killed and len(acked) >= 60
+            naming = await client.naming()
+            await naming.wait_for(
+                lambda n: (r := n.table("instances").get((CONFIG, "Site"))) is not None and r.pid != info.pid, 20.0)
+            cache = await client.cache("Site", CONFIG)
+            sensors = cache.table("sensors")
+            missing = [n for n in acked if (n,) not in sensors]
+            assert missing == []
+            for n in acked:
+                i = int(n[2:])
+                assert sensors[(n,)].rate_hz == 1.0 + i % 7  # type: ignore[attr-defined]
+
+    asyncio.run(body())
+
+
+def test_site_up_stops_cleanly_leaving_no_process(tmp_path: Path) -> None:
+    path = write_site(tmp_path)
+    site = load_site(path)
+    proc = start_site(path)
+    pids: list[int] = []
+    try:
+        assert asyncio.run(wait_until_up(site, 30.0)) == []
+
+        async def collect() -> None:
+            async with Client.for_site(site) as client:
+                pids.extend(r["pid"] for r in (await client.services())["instances"])
+
+        asyncio.run(collect())
+    finally:
+        code = stop_site(proc)
+    assert code == 0
+    assert len(pids) == 4  # naming, configuration, two zones
+    assert [p for p in pids if alive(p)] == []
+    # and the core ports are free again
+    import socket
+
+    for port in (site.core.rpc_port, site.core.event_port):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

@@ -1,0 +1,94 @@
+"""``ubi demo``: the demo site and a live client that shows state changes as they happen.
+
+The client caches the sensor configuration at ``Site`` and the positions of every zone,
+prints each configuration change as it arrives and a line a second per zone with its
+tags, and every few seconds calls an operation (change a sensor's rate, reboot one) so
+that the whole path (call → commit → channel → cache → callback) is on screen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ubicore.cache import Cache
+from ubicore.client import Client
+from ubicore.config.model import SiteConfig
+from ubicore.controller import run_site
+from ubicore.errors import RemoteError
+
+from .format import change_text, table
+
+CONFIG = "ULocationSystem::ConfigurationUpdate"
+POSITIONS = "ULocation::Positions"
+ACTION_PERIOD_S = 4.0
+
+
+async def live_client(site: SiteConfig, stop: asyncio.Event, say: Callable[[str], None]) -> None:
+    async with Client.for_site(site) as client:
+        services = await client.services()
+        say(table(["schema", "cell", "host", "protection", "rpc"],
+                  [(r["schema"], r["cell"], r["host"], r["protection"], r["rpc"]) for r in services["instances"]]))
+        caches: dict[str, Cache] = {}
+        counts: dict[str, int] = {}
+        for plan in site.instances:
+            if plan.schema == POSITIONS:
+                cache = await client.cache(plan.cell, POSITIONS)
+                counts[plan.cell] = 0
+                cache.on_change(lambda r, o, n, cell=plan.cell: counts.__setitem__(cell, counts[cell] + 1))
+                caches[plan.cell] = cache
+        config_cell = next((p.cell for p in site.instances if p.schema == CONFIG), None)
+        if config_cell is not None:
+            config = await client.cache(config_cell, CONFIG)
+            keys = {r: info.key_index for r, info in config.infos.items()}
+            config.on_change(lambda r, o, n: say(f"[{config_cell}] {CONFIG}: {change_text(r, o, n, keys[r])}"))
+        rates = itertools.cycle([2.0, 5.0, 0.5, 1.0])
+        sensors = itertools.cycle(["S-001", "S-002", "S-003", "S-004"])
+        next_action = time.monotonic() + 1.0
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            for cell, cache in caches.items():
+                tags = sorted(cache.rows("positions"))[:3]
+                shown = "  ".join(f"{t.tag} ({t.x:5.1f},{t.y:5.1f})" for t in tags)  # type: ignore[attr-defined]
+                say(f"[{cell}] {POSITIONS}: {len(cache.table('positions'))} tags, {counts[cell]} changes/s  {shown} …")
+                counts[cell] = 0
+            if config_cell is not None and time.monotonic() >= next_action:
+                next_action = time.monotonic() + ACTION_PERIOD_S
+                sensor, rate = next(sensors), next(rates)
+                try:
+                    say(f"> call {config_cell} {CONFIG} set_rate sensor={sensor} rate_hz={rate:g}")
+                    await client.call(config_cell, CONFIG, "set_rate", sensor=sensor, rate_hz=rate)
+                except RemoteError as exc:
+                    say(f"  error: {exc.code}: {exc.message}")
+
+
+async def run_demo(site: SiteConfig, stop: asyncio.Event, say: Callable[[str], None], duration_s: float | None) -> None:
+    up = asyncio.Event()
+    missing: list[str] = []
+
+    def on_up(still_missing: Any) -> None:
+        missing.extend(still_missing)
+        up.set()
+
+    site_task = asyncio.create_task(run_site(site, stop, on_up=on_up))
+    try:
+        waiter = asyncio.create_task(up.wait())
+        await asyncio.wait([waiter, site_task], return_when=asyncio.FIRST_COMPLETED)
+        if site_task.done():
+            site_task.result()
+            return
+        if missing:
+            say(f"not up in time: {', '.join(missing)}")
+        say(f"site {site.name} up: {len(site.instances)} instances on {len(site.hosts)} hosts (Ctrl-C stops it)")
+        if duration_s is not None:
+            asyncio.get_running_loop().call_later(duration_s, stop.set)
+        await live_client(site, stop, say)
+    finally:
+        stop.set()
+        await site_task
+        say("site stopped")

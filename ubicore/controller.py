@@ -1,0 +1,197 @@
+"""The controller of one host, and the processes of a site.
+
+:func:`run_controller` runs the instances planned for one host of the site file, each
+in its own process (``ubi instance``), restarts those that crash, and reports every
+instance's actual state to naming's ``services`` relation, re-reporting periodically so
+a restarted core learns it again. :func:`run_site` is ``ubi site up``: the core and one
+controller per host, all on this machine, supervised the same way. :func:`run_core` and
+:func:`run_instance` are the bodies of ``ubi core`` and ``ubi instance``.
+
+Every process stops cleanly on SIGINT or SIGTERM, and (when told its parent supervises
+it) when its parent disappears, so nothing is orphaned even after a SIGKILL upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from .client import NAMING_CELL, NAMING_SCHEMA, Client
+from .config.model import SiteConfig
+from .errors import RemoteError
+from .runtime import resolve_schema, serve_core, serve_instance
+from .supervisor import Child, Supervisor, watch_parent
+
+log = logging.getLogger(__name__)
+
+REPORT_PERIOD_S = 5.0
+CHECK_PERIOD_S = 0.5
+SHUTDOWN_REPORT_TIMEOUT_S = 0.3
+
+
+def ubi_argv(site: SiteConfig, *args: str) -> list[str]:
+    """The command line of a ``ubi`` sub-command in a child process."""
+    return [sys.executable, "-m", "ubicore.tools.cli", "--site", str(site.source), *args]
+
+
+async def _guarded(stop: asyncio.Event, exit_with_parent: bool) -> asyncio.Task[None] | None:
+    if not exit_with_parent:
+        return None
+    return asyncio.create_task(watch_parent(os.getppid(), stop))
+
+
+async def run_core(site: SiteConfig, stop: asyncio.Event, *, exit_with_parent: bool = False) -> None:
+    watcher = await _guarded(stop, exit_with_parent)
+    async with serve_core(site):
+        log.info("core of site %s up on %s", site.name, site.core.rpc_endpoint)
+        await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
+
+
+async def run_instance(
+    site: SiteConfig, schema: str, cell: str, stop: asyncio.Event, *, exit_with_parent: bool = False
+) -> None:
+    plan = site.instance(schema, cell)
+    if plan is None:
+        raise ValueError(f"{site.source}: no deployment runs {schema} at {cell}")
+    resolve_schema(site, schema)
+    watcher = await _guarded(stop, exit_with_parent)
+    async with serve_instance(site, plan):
+        await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
+
+
+class HostController:
+    """Runs and reports the instances of one host."""
+
+    def __init__(self, site: SiteConfig, host: str) -> None:
+        if host not in site.hosts:
+            raise ValueError(f"{site.source}: no host {host!r} (hosts: {', '.join(site.hosts)})")
+        self.site = site
+        self.host = host
+        self.plans = {f"{p.schema}@{p.cell}": p for p in site.instances_for_host(host)}
+        self.client = Client.for_site(site, timeout_s=2.0)
+        self.supervisor = Supervisor(self._report)
+        self.stopping = False
+        for name, plan in self.plans.items():
+            self.supervisor.add(name, ubi_argv(site, "instance", plan.schema, plan.cell, "--exit-with-parent"))
+
+    async def _report(self, child: Child) -> None:
+        plan = self.plans[child.name]
+        detail = "" if child.last_exit is None else f"last exit status {child.last_exit}"
+        try:
+            await self.client.call(
+                NAMING_CELL, NAMING_SCHEMA, "report", schema=plan.schema, cell=plan.cell, host=self.host,
+                actual=child.state, restarts=child.restarts, detail=detail,
+                timeout_s=SHUTDOWN_REPORT_TIMEOUT_S if self.stopping else None,
+            )
+        except RemoteError as exc:
+            log.debug("report of %s not delivered: %s", child.name, exc)
+
+    async def _check(self, stop: asyncio.Event) -> None:
+        """Mark children running once they registered; re-report everything now and then."""
+        last_report = 0.0
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            try:
+                naming = await self.client.naming()
+                table = naming.table("instances")
+                for name, child in self.supervisor.children.items():
+                    plan = self.plans[name]
+                    row = table.get((plan.schema, plan.cell))
+                    if child.state == "starting" and row is not None and row.pid == child.pid:  # type: ignore[attr-defined]
+                        await self.supervisor.mark_running(name)
+                if loop.time() - last_report > REPORT_PERIOD_S:
+                    last_report = loop.time()
+                    for child in self.supervisor.children.values():
+                        await self._report(child)
+            except RemoteError as exc:
+                log.debug("naming not reachable: %s", exc)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), CHECK_PERIOD_S)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.supervisor.start()
+        checker = asyncio.create_task(self._check(stop))
+        try:
+            await stop.wait()
+        finally:
+            self.stopping = True
+            checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checker
+            await self.supervisor.stop()
+            await self.client.close()
+
+
+async def run_controller(site: SiteConfig, host: str, stop: asyncio.Event, *, exit_with_parent: bool = False) -> None:
+    controller = HostController(site, host)
+    for plan in controller.plans.values():
+        resolve_schema(site, plan.schema)  # a bad deployment fails here, not in a crash loop
+    watcher = await _guarded(stop, exit_with_parent)
+    await controller.run(stop)
+    if watcher is not None:
+        watcher.cancel()
+
+
+async def wait_until_up(site: SiteConfig, timeout_s: float, client: Client | None = None) -> list[str]:
+    """Wait until every planned instance is registered; the ones still missing."""
+    own = client is None
+    client = client or Client.for_site(site, timeout_s=2.0)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    missing = [f"{p.schema}@{p.cell}" for p in site.instances]
+    try:
+        while loop.time() < deadline:
+            try:
+                table = (await client.naming()).table("instances")
+            except RemoteError:
+                await asyncio.sleep(0.2)
+                continue
+            missing = [f"{p.schema}@{p.cell}" for p in site.instances if (p.schema, p.cell) not in table]
+            if not missing:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        if own:
+            await client.close()
+    return missing
+
+
+async def run_site(
+    site: SiteConfig,
+    stop: asyncio.Event,
+    *,
+    on_up: Callable[[Sequence[str]], None] | None = None,
+    up_timeout_s: float = 30.0,
+) -> None:
+    """``ubi site up``: the core and a controller per host, until ``stop`` is set."""
+    for plan in site.instances:
+        resolve_schema(site, plan.schema)
+    # Two supervisors, so that controllers stop (and their instances deregister) while
+    # the core still answers, and the core stops last.
+    core = Supervisor()
+    core.add("core", ubi_argv(site, "core", "--exit-with-parent"))
+    hosts = Supervisor()
+    for host in site.hosts:
+        if site.instances_for_host(host):
+            hosts.add(f"controller {host}", ubi_argv(site, "controller", "--host", host, "--exit-with-parent"))
+    core.start()
+    hosts.start()
+    try:
+        waiter = asyncio.create_task(wait_until_up(site, up_timeout_s))
+        done, _ = await asyncio.wait([waiter, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if waiter in done and on_up is not None:
+            on_up(waiter.result())
+        elif waiter not in done:
+            waiter.cancel()
+        await stop.wait()
+    finally:
+        await hosts.stop()
+        await core.stop()

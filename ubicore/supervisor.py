@@ -1,0 +1,156 @@
+"""Supervising child processes: start, watch, restart with back-off, stop cleanly.
+
+Used twice: a controller supervises the instances of its host, and ``ubi site up``
+supervises the core and the controllers. A child that exits while it should run is
+restarted after a back-off that doubles up to ``MAX_BACKOFF_S`` and resets once the
+child has stayed up for ``STABLE_S``. Stopping sends SIGTERM to every child, waits
+``grace_s`` and kills whatever is left, so no process outlives its supervisor's stop.
+Children are started with ``--exit-with-parent`` semantics by their own command lines
+(they watch their parent pid), which covers a supervisor killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+MIN_BACKOFF_S = 0.25
+MAX_BACKOFF_S = 10.0
+STABLE_S = 30.0
+DEFAULT_GRACE_S = 5.0
+
+
+@dataclass(slots=True)
+class Child:
+    """One supervised process and what is known of it."""
+
+    name: str
+    argv: Sequence[str]
+    state: str = "stopped"  # starting | running | crashed | stopping | stopped
+    restarts: int = 0
+    last_exit: int | None = None
+    proc: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    backoff_s: float = MIN_BACKOFF_S
+    env: dict[str, str] | None = field(default=None)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+
+StateCallback = Callable[[Child], Awaitable[None] | None]
+
+
+class Supervisor:
+    """Runs children until :meth:`stop`; see the module docstring."""
+
+    def __init__(self, on_state: StateCallback | None = None, *, grace_s: float = DEFAULT_GRACE_S) -> None:
+        self.children: dict[str, Child] = {}
+        self._on_state = on_state
+        self._grace_s = grace_s
+        self._stopping = False
+        self._watchers: list[asyncio.Task[None]] = []
+
+    def add(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Child:
+        child = Child(name, list(argv), env=env)
+        self.children[name] = child
+        return child
+
+    async def _set(self, child: Child, state: str) -> None:
+        child.state = state
+        if self._on_state is not None:
+            try:
+                res = self._on_state(child)
+                if res is not None:
+                    await res
+            except Exception:
+                log.exception("state callback failed for %s", child.name)
+
+    async def _spawn(self, child: Child) -> None:
+        child.proc = await asyncio.create_subprocess_exec(
+            *child.argv, env=child.env, stdin=asyncio.subprocess.DEVNULL
+        )
+        child.started_at = time.monotonic()
+        await self._set(child, "starting")
+
+    async def _watch(self, child: Child) -> None:
+        while not self._stopping:
+            try:
+                await self._spawn(child)
+            except OSError as exc:
+                log.error("cannot start %s: %s", child.name, exc)
+                child.last_exit = None
+            else:
+                assert child.proc is not None
+                code = await child.proc.wait()
+                child.last_exit = code
+                if self._stopping:
+                    break
+                if time.monotonic() - child.started_at > STABLE_S:
+                    child.backoff_s = MIN_BACKOFF_S
+                log.warning("%s exited with %s; restarting in %.2f s", child.name, code, child.backoff_s)
+            child.restarts += 1
+            await self._set(child, "crashed")
+            await asyncio.sleep(child.backoff_s)
+            child.backoff_s = min(MAX_BACKOFF_S, child.backoff_s * 2)
+
+    def start(self) -> None:
+        """Start every child and its watcher; returns at once."""
+        for child in self.children.values():
+            self._watchers.append(asyncio.create_task(self._watch(child), name=f"watch {child.name}"))
+
+    async def mark_running(self, name: str) -> None:
+        child = self.children.get(name)
+        if child is not None and child.state == "starting":
+            await self._set(child, "running")
+
+    async def stop(self) -> None:
+        """SIGTERM every child, wait up to the grace period, SIGKILL the rest."""
+        self._stopping = True
+        procs = [c.proc for c in self.children.values() if c.proc is not None and c.proc.returncode is None]
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        if procs:
+            _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=self._grace_s)
+            for proc in procs:
+                if proc.returncode is None:
+                    log.warning("pid %s did not stop in %.1f s; killing it", proc.pid, self._grace_s)
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+            for proc in procs:
+                await proc.wait()
+        for task in self._watchers:
+            task.cancel()
+        for task in self._watchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._watchers.clear()
+        for child in self.children.values():
+            await self._set(child, "stopped")
+
+
+async def watch_parent(original_ppid: int, stop: asyncio.Event, period_s: float = 0.5) -> None:
+    """Set ``stop`` when this process's parent is gone (it was re-parented)."""
+    while not stop.is_set():
+        if os.getppid() != original_ppid:
+            log.warning("parent process %d is gone; stopping", original_ppid)
+            stop.set()
+            return
+        await asyncio.sleep(period_s)
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """SIGINT and SIGTERM set ``stop`` instead of raising."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)

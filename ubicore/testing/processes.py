@@ -1,0 +1,107 @@
+"""Whole sites as real processes, for tests: ``ubi site up`` in a child process.
+
+``write_site`` writes a two-host site file (127.0.0.1 and 127.0.0.2, free core ports),
+``start_site`` / ``stop_site`` run and stop ``ubi site up`` on it, ``alive`` tells whether
+a pid is still a live process (zombies count as gone).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..client import Client
+from ..config import SiteConfig
+
+__all__ = ["LiveSite", "alive", "free_ports", "start_site", "stop_site", "write_site"]
+
+SITE_TEMPLATE = """\
+site: proc-test
+dataset: {dataset}
+core: {{host: host-a, rpc_port: {rpc}, event_port: {events}}}
+hosts:
+  host-a: {{address: 127.0.0.1}}
+  host-b: {{address: 127.0.0.2}}
+cells:
+  Site:
+    level: site
+    host: host-a
+    children:
+      Zone-A: {{level: zone}}
+      Zone-B: {{level: zone, host: host-b}}
+deployments:
+  - schema: ULocationSystem::ConfigurationUpdate
+    level: site
+  - schema: ULocation::Positions
+    level: zone
+    options: {{rate_hz: 20, tags: 3}}
+"""
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie awaiting its parent's wait() is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class LiveSite:
+    site: SiteConfig
+    proc: subprocess.Popen[bytes]
+    path: Path
+
+    def client(self) -> Client:
+        return Client.for_site(self.site, timeout_s=5.0)
+
+
+def write_site(tmp: Path) -> Path:
+    rpc, events = free_ports(2)
+    path = tmp / "site.yaml"
+    path.write_text(SITE_TEMPLATE.format(dataset=tmp / "dataset", rpc=rpc, events=events))
+    return path
+
+
+def start_site(path: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ubicore.tools.cli", "--site", str(path), "site", "up"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )
+
+
+def stop_site(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    finally:
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
