@@ -92,4 +92,4 @@ class ConfigurationUpdate(Schema, name=SCHEMA, protection="update"):
     @read
     def list_sensors(self, tx: Transaction) -> list[str]:
         """The names of every sensor."""
-        return sorted(row.sensor for row in tx.sensors)  # type: ignore[attr-defined]
+        return sorted(row.sensor for row in tx.sensors)

@@ -80,7 +80,7 @@ class Registry(Schema, name=SCHEMA, protection="open"):
         row = tx.instances.get(schema, cell)
         if row is None:
             raise NotFound(f"no instance of {schema} is registered at {cell}")
-        return row._asdict()  # type: ignore[attr-defined, no-any-return]
+        return dict(row._asdict())
 
     @update
     def report(

@@ -28,6 +28,13 @@ POSITIONS = "ULocation::Positions"
 ACTION_PERIOD_S = 4.0
 
 
+def _counter(counts: dict[str, int], cell: str) -> Callable[[str, Any, Any], None]:
+    def count(relation: str, old: Any, new: Any) -> None:
+        counts[cell] += 1
+
+    return count
+
+
 async def live_client(site: SiteConfig, stop: asyncio.Event, say: Callable[[str], None]) -> None:
     async with Client.for_site(site) as client:
         services = await client.services()
@@ -39,7 +46,7 @@ async def live_client(site: SiteConfig, stop: asyncio.Event, say: Callable[[str]
             if plan.schema == POSITIONS:
                 cache = await client.cache(plan.cell, POSITIONS)
                 counts[plan.cell] = 0
-                cache.on_change(lambda r, o, n, cell=plan.cell: counts.__setitem__(cell, counts[cell] + 1))
+                cache.on_change(_counter(counts, plan.cell))
                 caches[plan.cell] = cache
         config_cell = next((p.cell for p in site.instances if p.schema == CONFIG), None)
         if config_cell is not None:

@@ -250,7 +250,7 @@ class Cache(_Joined):
         self._on_rel(relation, lambda r, o, n: callback(n) if o is None else None)  # type: ignore[arg-type]
 
     def on_update(self, relation: str, callback: Callable[[Row, Row], None]) -> None:
-        self._on_rel(relation, lambda r, o, n: callback(o, n) if o is not None and n is not None else None)  # type: ignore[arg-type]
+        self._on_rel(relation, lambda r, o, n: callback(o, n) if o is not None and n is not None else None)
 
     def on_delete(self, relation: str, callback: Callable[[Row], None]) -> None:
         self._on_rel(relation, lambda r, o, n: callback(o) if n is None else None)  # type: ignore[arg-type]

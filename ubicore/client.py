@@ -139,7 +139,7 @@ class Client:
                 state = naming.table("services")[key]
                 raise Unavailable(f"{schema} at {cell} is not running ({state.actual})")  # type: ignore[attr-defined]
             raise NotFound(f"no instance of {schema} at {cell}")
-        return ServiceInfo(*row[:9])  # type: ignore[misc]
+        return ServiceInfo(*row[:9])
 
     async def services(self) -> dict[str, list[dict[str, Any]]]:
         """Every registration and every administration state, as naming knows them."""

@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 
-from .client import NAMING_CELL, Client
+from .client import NAMING_CELL, NAMING_SCHEMA, Client
 from .config.model import InstancePlan, SiteConfig
 from .dispatch import InstanceCore
 from .errors import ConfigError, RemoteError, SchemaError
@@ -66,11 +66,9 @@ def make_core(site: SiteConfig, plan: InstancePlan, schema: type[Schema]) -> Ins
 @contextlib.asynccontextmanager
 async def serve_core(site: SiteConfig) -> AsyncIterator[InstanceServer]:
     """Run the naming registry on the site's core endpoints while the block runs."""
-    load_schemas(site)
-    from .services.naming import SCHEMA, Registry
-
-    plan = InstancePlan(SCHEMA, NAMING_CELL, site.core.host, None, {})
-    core = make_core(site, plan, Registry)
+    registry = resolve_schema(site, NAMING_SCHEMA)
+    plan = InstancePlan(NAMING_SCHEMA, NAMING_CELL, site.core.host, None, {})
+    core = make_core(site, plan, registry)
     server = InstanceServer(
         core, address=site.core.address, rpc_port=site.core.rpc_port, event_port=site.core.event_port
     )
@@ -78,7 +76,7 @@ async def serve_core(site: SiteConfig) -> AsyncIterator[InstanceServer]:
     try:
         with server_transaction(server) as tx:
             tx.instances.upsert(
-                schema=SCHEMA, cell=NAMING_CELL, host=site.core.host, rpc=server.rpc_endpoint,
+                schema=NAMING_SCHEMA, cell=NAMING_CELL, host=site.core.host, rpc=server.rpc_endpoint,
                 events=server.event_endpoint, instance_id=core.instance_id,
                 protection=core.protection.value, pid=os.getpid(),
             )

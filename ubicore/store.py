@@ -30,7 +30,8 @@ _INT64 = (-(2**63), 2**63 - 1)
 _SQL_TYPES = {"str": "TEXT", "int": "INTEGER", "float": "REAL", "bool": "INTEGER", "bytes": "BLOB"}
 _META_TABLE = "_ubi_meta"
 
-Row = tuple[Any, ...]
+Row = Any
+"""A row: an instance of its relation's named tuple, whose fields are only known at run time."""
 Key = tuple[Any, ...]
 
 
@@ -66,7 +67,7 @@ def build_row(rel: Relation, values: Mapping[str, Any], base: Row | None = None)
         elif base is not None:
             out.append(base[i])
         elif col.has_default:
-            out.append(col.default)
+            out.append(_check(rel, col, col.default))  # an int default of a float column becomes a float
         else:
             raise ConstraintViolation(f"{rel.name}: column {col.name!r} is required")
     return rel.row_type(*out)
@@ -232,6 +233,9 @@ class Store:
         except sqlite3.Error as exc:
             self.close()
             raise StoreError(f"{path}: {exc}") from None
+        except StoreError:
+            self.close()  # a file we refuse is not left open
+            raise
 
     def _ensure_tables(self, db: sqlite3.Connection) -> None:
         db.execute(f'CREATE TABLE IF NOT EXISTS "{_META_TABLE}" (name TEXT PRIMARY KEY, value TEXT NOT NULL)')

@@ -126,3 +126,22 @@ def test_site_up_stops_cleanly_leaving_no_process(tmp_path: Path) -> None:
     for port in (site.core.rpc_port, site.core.event_port):
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_blocking_facade_against_the_live_site(live_site: LiveSite) -> None:
+    from ubicore.blocking import BlockingClient
+    from ubicore.errors import NotFound
+
+    with BlockingClient.for_site(live_site.site) as client:
+        assert client.find(CONFIG, "Site").host == "host-a"
+        client.call("Site", CONFIG, "set_sink", sensor="S-003", sink="udp://sink-1")
+        cache = client.cache("Site", CONFIG)
+        assert cache.get("sensors", "S-003").sink == "udp://sink-1"
+        seen: list[str] = []
+        cache.on_change(lambda rel, old, new: seen.append(new.sink))
+        client.call("Site", CONFIG, "set_sink", sensor="S-003", sink="udp://sink-2")
+        cache.wait_for(lambda c: c.table("sensors")[("S-003",)].sink == "udp://sink-2")
+        assert seen == ["udp://sink-2"]
+        assert any(r.sensor == "S-003" for r in cache.rows("sensors"))
+        with pytest.raises(NotFound):
+            client.call("Site", CONFIG, "get_sensor", sensor="S-999")

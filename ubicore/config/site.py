@@ -55,7 +55,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn
 
-import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs; only safe_load is used
+import yaml  # PyYAML ships no stubs; only safe_load is used
 
 from ubicore.config.model import (
     PROTECTIONS,

@@ -52,7 +52,8 @@ _MAX_UINT64 = 2**64 - 1
 def pack(value: Any) -> bytes:
     """Pack a body with the project's msgpack settings (bin for bytes, str for text)."""
     try:
-        return _packb(value)
+        packed: bytes = _packb(value)
+        return packed
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"value cannot travel on the wire: {exc}") from None
 
@@ -104,8 +105,10 @@ def _str(value: Any, what: str) -> str:
 
 
 def _map(value: Any, what: str) -> dict[str, Any]:
-    if type(value) is not dict:
-        raise ProtocolError(f"{what} must be a map")
+    # bytes keys pass msgpack's strict_map_key; the records promise str keys (args are
+    # keyword arguments), so anything else is refused here, not deep in an instance.
+    if type(value) is not dict or not all(type(k) is str for k in value):
+        raise ProtocolError(f"{what} must be a map with string keys")
     return value
 
 

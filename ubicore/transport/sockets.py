@@ -62,7 +62,7 @@ class Pump:
         self.sock = sock
         self._on_frames = on_frames
         self._loop = loop or asyncio.get_running_loop()
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd: int = int(sock.getsockopt(zmq.FD))
         self._scheduled = False
         self._closed = False
         self._loop.add_reader(self._fd, self._drain)
