@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import time
 
-from ubicore.errors import NotFound
+from ubicore.errors import BadArguments, NotFound
+from ubicore.protocol.messages import INSTANCE_ID_BYTES
 from ubicore.schema import Column, Relation, Schema, read, update
 from ubicore.store import Transaction
 
@@ -60,6 +61,8 @@ class Registry(Schema, name=SCHEMA, protection="open"):
         pid: int = 0,
     ) -> None:
         """Record (or replace) the registration of a running instance."""
+        if len(instance_id) != INSTANCE_ID_BYTES:
+            raise BadArguments(f"instance_id must be {INSTANCE_ID_BYTES} bytes", {"argument": "instance_id"})
         tx.instances.upsert(
             schema=schema, cell=cell, host=host, rpc=rpc, events=events,
             instance_id=instance_id, protection=protection, pid=pid, started=time.time(),

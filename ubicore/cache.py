@@ -136,6 +136,8 @@ class _Joined:
 
     def _note_resync(self, reason: ResyncReason) -> None:
         self.resyncs += 1
+        if reason is ResyncReason.NEW_INSTANCE:
+            self.infos = {}  # a restart on the same endpoints may run a newer declaration
         log.info("%s@%s: re-dump (%s)", self.schema, self.cell, reason.value)
         self._request_dump()
 
@@ -289,6 +291,13 @@ class Cache(_Joined):
                     self._emit(name, old, None)
 
     def _apply_batches(self, batches: Any) -> None:
+        try:
+            self._apply_changes(batches)
+        except TypeError:  # a row or key the relation cannot hold: the copy is suspect
+            self.malformed += 1
+            self._note_resync(self.follower.resync(ResyncReason.GAP).resync or ResyncReason.GAP)
+
+    def _apply_changes(self, batches: Any) -> None:
         tables, infos = self._tables, self.infos
         notify = bool(self._on_change or self._by_rel)
         for batch in batches:

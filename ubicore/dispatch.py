@@ -32,7 +32,15 @@ from .errors import (
     StoreError,
 )
 from .protocol.channel import ChannelSequencer
-from .protocol.codec import encode_error, encode_reply, pack, parse_request
+from .protocol.codec import (
+    MAGIC,
+    MAX_FRAME_BYTES,
+    encode_error,
+    encode_reply_packed,
+    pack,
+    parse_request,
+    unpack,
+)
 from .protocol.messages import INSTANCE_ID_BYTES, Change, Request
 from .schema import OperationSpec, OpKind, Param, Protection, Schema
 from .store import Store, Transaction
@@ -41,7 +49,7 @@ log = logging.getLogger(__name__)
 
 _TYPE_CHECKS: Mapping[str, Callable[[Any], bool]] = {
     "str": lambda v: type(v) is str,
-    "int": lambda v: type(v) is int,
+    "int": lambda v: type(v) is int and -(2**63) <= v < 2**63,
     "float": lambda v: type(v) in (float, int),
     "bool": lambda v: type(v) is bool,
     "bytes": lambda v: type(v) is bytes,
@@ -66,7 +74,7 @@ class InstanceStats:
 def check_arguments(spec: OperationSpec, args: Mapping[str, Any]) -> dict[str, Any]:
     """The arguments, validated against the declaration; else :class:`BadArguments`."""
     known = {p.name: p for p in spec.params}
-    unknown = sorted(set(args) - known.keys())
+    unknown = sorted(str(k) for k in args if k not in known)  # msgpack keys may be bytes
     if unknown:
         raise BadArguments(f"{spec.name}: unknown argument {unknown[0]!r}", {"argument": unknown[0]})
     out: dict[str, Any] = {}
@@ -138,49 +146,64 @@ class InstanceCore:
             return encode_error(corr, RemoteProtocolError.code, str(exc), {})
         self.stats.requests += 1
         try:
-            result = self.execute(req)
-            return encode_reply(req.corr_id, result)
+            packed = self.execute(req)
+            if len(packed) > MAX_FRAME_BYTES:
+                raise RemoteFailure(f"the result of {req.operation} is {len(packed)} bytes, over {MAX_FRAME_BYTES}")
+            return encode_reply_packed(req.corr_id, packed)
         except RemoteError as err:
             self.stats.errors += 1
-            return encode_error(req.corr_id, err.code, err.message, err.detail)
-        except ValueError as exc:  # a result that cannot be packed
-            self.stats.errors += 1
-            return encode_error(req.corr_id, RemoteFailure.code, str(exc), {})
+            log.debug("%s@%s: %s -> %s: %s", self.name, self.cell, req.operation, err.code, err.message)
+            try:
+                return encode_error(req.corr_id, err.code, str(err.message), err.detail)
+            except ValueError:  # a detail that cannot travel: send the rest
+                return encode_error(req.corr_id, err.code, str(err.message), {})
 
-    def execute(self, req: Request) -> Any:
+    def execute(self, req: Request) -> bytes:
+        """Run a request; its result, packed. Raises the typed error to answer with."""
         if req.schema != self.name or req.cell != self.cell:
             raise NotFound(f"this endpoint serves {self.name} at {self.cell}, not {req.schema} at {req.cell}")
         match req.operation:
             case "get_dump":
-                return self.dump()
+                return pack(self.dump())
             case "get_group":
-                return self.group()
+                return pack(self.group())
             case "get_stats":
-                return asdict(self.stats)
+                return pack(asdict(self.stats))
         spec = self.schema.operations.get(req.operation)
         if spec is None:
             raise NotFound(f"{self.name} has no operation {req.operation!r}")
         args = check_arguments(spec, req.args)
         return self.run_operation(spec, args)
 
-    def run_operation(self, spec: OperationSpec, args: Mapping[str, Any]) -> Any:
+    def run_operation(self, spec: OperationSpec, args: Mapping[str, Any]) -> bytes:
+        """Run a declared operation in a transaction; its result, packed."""
         tx = self.store.transaction(writable=spec.kind is OpKind.UPDATE)
         try:
             result = spec.func(self.obj, tx, **args)
             body = pack(result)  # a result that cannot travel fails before anything commits
+            unpack(body)  # nor may one a caller could not parse (a map key that is not a string)
         except RemoteError:
             tx.rollback()
             raise
         except ConstraintViolation as exc:
             tx.rollback()
             raise RemoteFailure(str(exc)) from None
+        except ValueError as exc:
+            if "cannot travel" not in str(exc):
+                tx.rollback()
+                log.exception("%s@%s: operation %s raised", self.name, self.cell, spec.name)
+                raise RemoteFailure(f"{spec.name} failed: ValueError: {exc}") from None
+            tx.rollback()
+            raise RemoteFailure(f"{spec.name} failed: its result {exc}") from None
+        except ProtocolError:
+            tx.rollback()
+            raise RemoteFailure(f"{spec.name} failed: its result cannot travel (map keys must be strings)") from None
         except Exception as exc:
             tx.rollback()
             log.exception("%s@%s: operation %s raised", self.name, self.cell, spec.name)
             raise RemoteFailure(f"{spec.name} failed: {type(exc).__name__}: {exc}") from None
         self.commit(tx)
-        del body
-        return result
+        return body
 
     def commit(self, tx: Transaction) -> tuple[Change, ...]:
         """Commit a transaction and stage its changes for the channel."""
@@ -214,13 +237,14 @@ class InstanceCore:
 
 
 def _salvage_corr_id(frames: list[bytes]) -> int | None:
-    """The correlation id of a request too broken to run, if it can be read."""
-    try:
-        from .protocol.codec import parse_header, unpack
+    """The correlation id of a request too broken to run, if it can be read.
 
-        if len(frames) != 2:
-            return None
-        parse_header(bytes(frames[0]))
+    The header's version and kind are not required to be right: a peer speaking another
+    protocol version is told so (``protocol_error``) instead of waiting for a timeout.
+    """
+    if len(frames) != 2 or len(frames[0]) != 4 or bytes(frames[0][:2]) != MAGIC:
+        return None
+    try:
         body = unpack(bytes(frames[1]))
     except ProtocolError:
         return None

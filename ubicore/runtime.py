@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 
 from .client import NAMING_CELL, NAMING_SCHEMA, Client
@@ -78,7 +79,7 @@ async def serve_core(site: SiteConfig) -> AsyncIterator[InstanceServer]:
             tx.instances.upsert(
                 schema=NAMING_SCHEMA, cell=NAMING_CELL, host=site.core.host, rpc=server.rpc_endpoint,
                 events=server.event_endpoint, instance_id=core.instance_id,
-                protection=core.protection.value, pid=os.getpid(),
+                protection=core.protection.value, pid=os.getpid(), started=time.time(),
             )
         yield server
     finally:

@@ -57,6 +57,9 @@ _PART = r"[A-Za-z_][A-Za-z0-9_]*"
 SCHEMA_NAME = re.compile(rf"^{_PART}::{_PART}$")
 MEMBER_NAME = re.compile(rf"^{_PART}$")
 BUILTIN_OPERATIONS = frozenset({"get_group", "get_dump", "get_stats"})
+RESERVED_RELATION_NAMES = frozenset({"describe", "commit", "rollback", "log", "done"})
+"""Names a relation cannot take: ``tx.<name>`` or ``Schema.<name>`` would not reach it."""
+_INT64 = (-(2**63), 2**63 - 1)
 
 COLUMN_TYPES: Mapping[type, str] = types.MappingProxyType(
     {str: "str", int: "int", float: "float", bool: "bool", bytes: "bytes"}
@@ -116,6 +119,8 @@ class Relation:
         where = f"{schema}.{name}"
         if not MEMBER_NAME.match(name) or name.startswith("_"):
             raise SchemaError(f"{where}: relation names must match [A-Za-z][A-Za-z0-9_]*")
+        if name in RESERVED_RELATION_NAMES:
+            raise SchemaError(f"{where}: the name is reserved")
         if not self.columns:
             raise SchemaError(f"{where}: a relation needs at least one column")
         seen: dict[str, int] = {}
@@ -162,6 +167,8 @@ def _value_fits(col: Column, value: Any) -> bool:
     t = col.type
     if t is float:
         return type(value) in (float, int)
+    if t is int:
+        return type(value) is int and _INT64[0] <= value <= _INT64[1]
     return type(value) is t
 
 
@@ -227,8 +234,10 @@ def _param_type(hint: Any) -> tuple[str, bool] | None:
 
 def _operation_spec(schema: str, name: str, func: Callable[..., Any], kind: OpKind) -> OperationSpec:
     where = f"{schema}.{name}"
-    if name in BUILTIN_OPERATIONS or name.startswith("_"):
+    if name in BUILTIN_OPERATIONS or name == "describe" or name.startswith("_"):
         raise SchemaError(f"{where}: the name is reserved")
+    if inspect.iscoroutinefunction(func):
+        raise SchemaError(f"{where}: operations run inside a transaction and cannot be async")
     try:
         hints = typing.get_type_hints(func)
     except Exception as exc:
@@ -275,19 +284,25 @@ class Schema:
             level = Protection(protection)
         except ValueError:
             raise SchemaError(f"{name}: protection {protection!r} is not one of open, update, full") from None
+        # A subclass of a schema inherits its relations and operations.
         rels: dict[str, Relation] = {}
         ops: dict[str, OperationSpec] = {}
+        for base in reversed(cls.__mro__[1:]):
+            if issubclass(base, Schema) and "schema_name" in vars(base):
+                rels.update(base.relations)
+                ops.update(base.operations)
         for attr, value in list(vars(cls).items()):
             if isinstance(value, Relation):
+                if attr in ops:
+                    raise SchemaError(f"{name}.{attr}: a relation and an operation share the name")
                 value._bind(name, attr)
                 rels[attr] = value
             elif callable(value) and hasattr(value, "__ubi_operation__"):
+                if attr in rels:
+                    raise SchemaError(f"{name}.{attr}: a relation and an operation share the name")
                 ops[attr] = _operation_spec(name, attr, value, value.__ubi_operation__)
         if not rels:
             raise SchemaError(f"{name}: a schema needs at least one relation")
-        clash = set(rels) & set(ops)
-        if clash:
-            raise SchemaError(f"{name}.{sorted(clash)[0]}: a relation and an operation share the name")
         if "run" in vars(cls) and not inspect.iscoroutinefunction(vars(cls)["run"]):
             raise SchemaError(f"{name}.run: run must be declared 'async def run(self, ctx)'")
         cls.schema_name = name
@@ -295,6 +310,11 @@ class Schema:
         cls.default_protection = level
         cls.relations = types.MappingProxyType(rels)
         cls.operations = types.MappingProxyType(ops)
+        other = _REGISTRY.get(name)
+        if other is not None and other.__module__ != cls.__module__:  # a module may redeclare (reload, tests)
+            raise SchemaError(
+                f"{name}: already declared by {other.__module__}.{other.__qualname__}; schema names are unique"
+            )
         _REGISTRY[name] = cls
 
     def __init__(self, cell: str, options: Mapping[str, Any] | None = None) -> None:

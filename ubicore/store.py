@@ -49,6 +49,8 @@ def _check(rel: Relation, col: Column, value: Any) -> Any:
         if t is col.type:
             if t is int and not _INT64[0] <= value <= _INT64[1]:
                 raise ConstraintViolation(f"{rel.name}.{col.name}: {value} does not fit in 64 bits")
+            if t is float and value != value:  # SQLite would store NaN as NULL
+                raise ConstraintViolation(f"{rel.name}.{col.name}: NaN is not a storable value")
             return value
         if col.type is float and t is int:
             return float(value)

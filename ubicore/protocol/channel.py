@@ -128,6 +128,10 @@ class ChannelFollower:
         self.seq = first + len(batches) - 1
         return FeedResult([Batch(first + i, b) for i, b in enumerate(batches)])
 
+    def resync(self, reason: ResyncReason) -> FeedResult:
+        """Give up the current copy (the owner found it suspect) and ask for a dump."""
+        return self._resync(reason)
+
     def _resync(self, reason: ResyncReason, keep: Delta | Heartbeat | None = None) -> FeedResult:
         self.state = FollowState.SYNCING
         self.resyncs += 1

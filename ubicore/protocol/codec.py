@@ -143,6 +143,11 @@ def parse_request(frames: Sequence[bytes]) -> Request:
     )
 
 
+def encode_reply_packed(corr_id: int, packed_result: bytes) -> list[bytes]:
+    """Reply frames around a result already packed (saves packing it twice)."""
+    return [HEADER_REPLY, b"\x92" + pack(corr_id) + packed_result]  # 0x92: array of 2
+
+
 def encode_reply(corr_id: int, result: Any) -> list[bytes]:
     return [HEADER_REPLY, pack([corr_id, result])]
 

@@ -35,8 +35,9 @@ class Op(enum.IntEnum):
 
 
 class Change(NamedTuple):
-    """One row change. ``row`` is the full new row for insert and update, the key
-    values for delete, each in the relation's declared column order."""
+    """One row change. ``row`` is the full new row for insert and update, in the
+    relation's declared column order; for delete, the key values, in the order of the
+    relation's declared key."""
 
     relation: str
     op: int

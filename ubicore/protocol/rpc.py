@@ -13,6 +13,7 @@ passed in, never read, so the tests drive it by hand.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,11 +55,13 @@ class RpcCaller:
         self, schema: str, cell: str, operation: str, args: Mapping[str, Any], timeout_s: float, now: float
     ) -> tuple[int, list[bytes]]:
         """Begin a call; returns its correlation id and the frames to send."""
-        if timeout_s <= 0:
-            raise ValueError("timeout_s must be positive")
+        if not (timeout_s > 0 and math.isfinite(timeout_s)):
+            raise ValueError("timeout_s must be positive and finite")
         corr = next(self._ids) % _MAX_CORR
-        self._deadlines[corr] = now + timeout_s
+        # Encode first: args or a timeout that cannot travel raise ValueError before the
+        # call is registered, so no phantom call waits for a reply that never comes.
         frames = encode_request(Request(corr, schema, cell, operation, args, max(1, int(timeout_s * 1000))))
+        self._deadlines[corr] = now + timeout_s
         return corr, frames
 
     def receive(self, frames: list[bytes]) -> Outcome | None:

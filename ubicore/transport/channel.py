@@ -10,7 +10,7 @@ import zmq
 from ..errors import ProtocolError
 from ..protocol.codec import parse_channel_message
 from ..protocol.messages import ChannelMessage
-from .sockets import Pump, make_socket
+from .sockets import Pump, connect, make_socket
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +23,19 @@ class Subscription:
     Malformed or foreign messages are dropped and counted in ``malformed``.
     """
 
-    def __init__(self, endpoint: str, on_message: Callable[[ChannelMessage], None], *, hwm: int = SUB_HWM) -> None:
+    def __init__(
+        self, endpoint: str, on_message: Callable[[ChannelMessage], None], *, hwm: int | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.malformed = 0
         self._on_message = on_message
-        sock = make_socket(zmq.SUB, hwm=hwm)
+        sock = make_socket(zmq.SUB, hwm=SUB_HWM if hwm is None else hwm)  # read at call time: tests patch it
         sock.setsockopt(zmq.SUBSCRIBE, b"")
-        sock.connect(endpoint)
+        try:
+            connect(sock, endpoint)
+        except Exception:
+            sock.close(0)
+            raise
         self._pump = Pump(sock, self._on_frames)
 
     def _on_frames(self, frames: list[bytes]) -> None:

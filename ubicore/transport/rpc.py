@@ -11,7 +11,7 @@ import zmq
 
 from ..errors import Unavailable
 from ..protocol.rpc import Outcome, RpcCaller
-from .sockets import Pump, make_socket
+from .sockets import Pump, connect, make_socket
 
 RPC_HWM = 10_000
 
@@ -26,9 +26,14 @@ class RpcConnection:
         self._loop = asyncio.get_running_loop()
         self._futures: dict[int, asyncio.Future[Any]] = {}
         sock = make_socket(zmq.DEALER, hwm=RPC_HWM)
-        sock.connect(endpoint)
+        try:
+            connect(sock, endpoint)
+        except Unavailable:
+            sock.close(0)
+            raise
         self._pump = Pump(sock, self._on_frames, self._loop)
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self.closed = False
 
     def _on_frames(self, frames: list[bytes]) -> None:
@@ -53,8 +58,13 @@ class RpcConnection:
 
     def _arm(self) -> None:
         nxt = self.caller.next_deadline()
-        if nxt is None or self._timer is not None:
+        if nxt is None:
             return
+        if self._timer is not None:
+            if self._timer_at <= nxt:
+                return
+            self._timer.cancel()  # a call with an earlier deadline than the armed one
+        self._timer_at = nxt
         delay = max(0.0, nxt - self._clock())
         self._timer = self._loop.call_later(delay, self._expire)
 

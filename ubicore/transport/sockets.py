@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import zmq
 
 from ..errors import Unavailable
+from ..protocol.codec import MAX_FRAME_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def context() -> zmq.Context[zmq.Socket[bytes]]:
 def make_socket(kind: int, *, hwm: int | None = None) -> zmq.Socket[bytes]:
     sock = context().socket(kind)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024)  # libzmq drops bigger peers' messages unbuffered
     if hwm is not None:
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
@@ -42,12 +44,27 @@ def make_socket(kind: int, *, hwm: int | None = None) -> zmq.Socket[bytes]:
 
 def bind(sock: zmq.Socket[bytes], endpoint: str) -> str:
     """Bind and return the endpoint actually bound (``tcp://addr:*`` picks a free port)."""
+    _allow_ipv6(sock, endpoint)
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         raise Unavailable(f"cannot bind {endpoint}: {exc.strerror}") from None
     last = sock.getsockopt(zmq.LAST_ENDPOINT)
     return last.decode() if isinstance(last, bytes) else str(last)
+
+
+def _allow_ipv6(sock: zmq.Socket[bytes], endpoint: str) -> None:
+    # Only for IPv6 endpoints: with IPV6 on, IPv4 addresses would be reported mapped.
+    if "://[" in endpoint:
+        sock.setsockopt(zmq.IPV6, 1)
+
+
+def connect(sock: zmq.Socket[bytes], endpoint: str) -> None:
+    _allow_ipv6(sock, endpoint)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        raise Unavailable(f"cannot connect to {endpoint}: {exc.strerror}") from None
 
 
 class Pump:
