@@ -33,7 +33,6 @@ from .errors import (
 )
 from .protocol.channel import ChannelSequencer
 from .protocol.codec import (
-    MAGIC,
     MAX_FRAME_BYTES,
     encode_error,
     encode_reply_packed,
@@ -41,7 +40,7 @@ from .protocol.codec import (
     parse_request,
     unpack,
 )
-from .protocol.messages import INSTANCE_ID_BYTES, Change, Request
+from .protocol.messages import INSTANCE_ID_BYTES, MAGIC, Change, Request
 from .schema import OperationSpec, OpKind, Param, Protection, Schema
 from .store import Store, Transaction
 
