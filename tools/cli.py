@@ -240,9 +240,7 @@ def call(ctx: click.Context, cell: str, schema: str, operation: str, arguments: 
 
     async def body() -> Any:
         async with Client.for_site(cfg, timeout_s=timeout) as client:
-            info = await client.find(schema, cell)
-            group = await client._connection(info.rpc).call(schema, cell, "get_group", {}, timeout)
-            ops = group["schema"]["operations"]
+            ops = (await client.describe(cell, schema))["schema"]["operations"]
             if operation not in ops and operation not in ("get_group", "get_dump", "get_stats"):
                 from ubicore.errors import NotFound
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from .cache import Binding, Cache, Follower, _Joined
 from .config.model import SiteConfig
-from .errors import NotFound, Unavailable
+from .errors import CallTimeout, NotFound, Unavailable
 from .protocol.channel import Batch
 from .transport.rpc import RpcConnection
 
@@ -170,10 +170,14 @@ class Client:
         info = await self.find(schema, cell)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            from .errors import CallTimeout
-
             raise CallTimeout(f"no time left to call {operation} on {schema} at {cell}")
         return await self._connection(info.rpc).call(schema, cell, operation, args, remaining)
+
+    async def describe(self, cell: str, schema: str, *, timeout_s: float | None = None) -> dict[str, Any]:
+        """The running instance's ``get_group``: instance id, sequence, protection, epoch,
+        endpoints and its schema description (relations, operations, parameter types)."""
+        group: dict[str, Any] = await self.call_args(cell, schema, "get_group", {}, timeout_s=timeout_s)
+        return group
 
     # --- following --------------------------------------------------------------------------
 
