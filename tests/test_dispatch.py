@@ -72,6 +72,10 @@ class Shop(Schema, name=SHOP):
     def fail_detail(self, tx: Transaction) -> None:
         raise BadArguments("odd detail", {"thing": object()})
 
+    @read
+    def fail_int_keys(self, tx: Transaction) -> None:
+        raise BadArguments("int keys", {1: "one"})  # type: ignore[dict-item]
+
     @update
     def duplicate(self, tx: Transaction, sku: str) -> None:
         tx.items.insert(sku=sku)
@@ -345,6 +349,11 @@ def test_a_remote_error_passes_its_code_through(core: InstanceCore) -> None:
 def test_a_remote_error_whose_detail_cannot_travel_still_gets_a_reply(core: InstanceCore) -> None:
     msg = error(core, "fail_detail")
     assert msg.code == "bad_arguments" and msg.message == "odd detail"
+
+
+def test_a_remote_error_detail_with_other_keys_reaches_the_caller_with_string_keys(core: InstanceCore) -> None:
+    msg = error(core, "fail_int_keys")
+    assert (msg.code, msg.detail) == ("bad_arguments", {"1": "one"})
 
 
 def test_an_exception_becomes_remote_failure_without_traceback(core: InstanceCore) -> None:

@@ -84,6 +84,7 @@ class _Joined:
         self._sub: Subscription | None = None
         self._dump_task: asyncio.Task[None] | None = None
         self._again = False
+        self._layout_stale = False
         self.infos: dict[str, RelationInfo] = {}
 
     @property
@@ -124,7 +125,7 @@ class _Joined:
             self._sub = Subscription(binding.events, self._on_message)
         self.binding = binding
         self.follower = ChannelFollower(resyncs=self.follower.resyncs)
-        self.infos = {}  # a new instance may run a newer declaration: ask get_group again
+        self._layout_stale = True  # a new instance may run a newer declaration: ask get_group again
         self._request_dump()
 
     def _on_message(self, msg: ChannelMessage) -> None:
@@ -137,7 +138,7 @@ class _Joined:
     def _note_resync(self, reason: ResyncReason) -> None:
         self.resyncs += 1
         if reason is ResyncReason.NEW_INSTANCE:
-            self.infos = {}  # a restart on the same endpoints may run a newer declaration
+            self._layout_stale = True  # a restart on the same endpoints may run a newer declaration
         log.info("%s@%s: re-dump (%s)", self.schema, self.cell, reason.value)
         self._request_dump()
 
@@ -153,12 +154,15 @@ class _Joined:
             self._again = False
             try:
                 conn = self._connect(self.binding.rpc)
-                if not self.infos:
+                infos = self.infos
+                if self._layout_stale or not infos:
+                    self._layout_stale = False
                     group = await conn.call(self.schema, self.cell, "get_group", {}, DUMP_TIMEOUT_S)
-                    self.infos = relation_infos(group["schema"])
+                    infos = relation_infos(group["schema"])
                 dump = await conn.call(self.schema, self.cell, "get_dump", {}, DUMP_TIMEOUT_S)
                 iid, seq, relations = dump["instance_id"], dump["seq"], dump["relations"]
-                self._apply_dump(relations)
+                self._apply_dump(relations, infos)
+                self.infos = infos
             except (RemoteError, ProtocolError, KeyError, TypeError) as exc:
                 log.info("%s@%s: dump failed (%s); retrying", self.schema, self.cell, exc)
                 await asyncio.sleep(delay)
@@ -174,7 +178,7 @@ class _Joined:
             if not self._again:
                 return
 
-    def _apply_dump(self, relations: Mapping[str, list[list[Any]]]) -> None:
+    def _apply_dump(self, relations: Mapping[str, list[list[Any]]], infos: Mapping[str, RelationInfo]) -> None:
         raise NotImplementedError
 
     def _apply_batches(self, batches: list[Batch] | Any) -> None:
@@ -265,9 +269,9 @@ class Cache(_Joined):
 
     # --- applying -------------------------------------------------------------------------
 
-    def _apply_dump(self, relations: Mapping[str, list[list[Any]]]) -> None:
+    def _apply_dump(self, relations: Mapping[str, list[list[Any]]], infos: Mapping[str, RelationInfo]) -> None:
         fresh: dict[str, dict[Key, Row]] = {}
-        for name, info in self.infos.items():
+        for name, info in infos.items():
             rows = relations.get(name, [])
             make, ki = info.row_type._make, info.key_index
             if len(ki) == 1:
@@ -343,7 +347,7 @@ class Follower(_Joined):
         self._on_batch = on_batch
         self._on_dump = on_dump
 
-    def _apply_dump(self, relations: Mapping[str, list[list[Any]]]) -> None:
+    def _apply_dump(self, relations: Mapping[str, list[list[Any]]], infos: Mapping[str, RelationInfo]) -> None:
         if self._on_dump is not None:
             self._on_dump(relations)
 

@@ -46,6 +46,9 @@ from .store import Store, Transaction
 
 log = logging.getLogger(__name__)
 
+MAX_RESULT_BYTES = MAX_FRAME_BYTES - 64
+"""A packed result must leave room for the reply's array header and correlation id."""
+
 _TYPE_CHECKS: Mapping[str, Callable[[Any], bool]] = {
     "str": lambda v: type(v) is str,
     "int": lambda v: type(v) is int and -(2**63) <= v < 2**63,
@@ -146,14 +149,15 @@ class InstanceCore:
         self.stats.requests += 1
         try:
             packed = self.execute(req)
-            if len(packed) > MAX_FRAME_BYTES:
-                raise RemoteFailure(f"the result of {req.operation} is {len(packed)} bytes, over {MAX_FRAME_BYTES}")
+            if len(packed) > MAX_RESULT_BYTES:
+                raise RemoteFailure(f"the result of {req.operation} is {len(packed)} bytes, over {MAX_RESULT_BYTES}")
             return encode_reply_packed(req.corr_id, packed)
         except RemoteError as err:
             self.stats.errors += 1
             log.debug("%s@%s: %s -> %s: %s", self.name, self.cell, req.operation, err.code, err.message)
             try:
-                return encode_error(req.corr_id, err.code, str(err.message), err.detail)
+                detail = {str(k): v for k, v in err.detail.items()}  # receivers take string keys only
+                return encode_error(req.corr_id, err.code, str(err.message), detail)
             except ValueError:  # a detail that cannot travel: send the rest
                 return encode_error(req.corr_id, err.code, str(err.message), {})
 
@@ -180,6 +184,8 @@ class InstanceCore:
         try:
             result = spec.func(self.obj, tx, **args)
             body = pack(result)  # a result that cannot travel fails before anything commits
+            if len(body) > MAX_RESULT_BYTES:
+                raise RemoteFailure(f"{spec.name}: its result is {len(body)} bytes, over {MAX_RESULT_BYTES}")
             unpack(body)  # nor may one a caller could not parse (a map key that is not a string)
         except RemoteError:
             tx.rollback()

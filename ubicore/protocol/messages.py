@@ -49,7 +49,8 @@ class Request:
     """Client → instance: call ``operation`` with keyword ``args``.
 
     ``timeout_ms`` is the caller's remaining deadline when it sent the request (0 for
-    none); an instance drops requests it could only answer after the caller gave up.
+    none). It is advisory: the caller enforces its own deadline, and an instance may
+    use it to skip work nobody waits for (this one runs every request it receives).
     """
 
     corr_id: int
