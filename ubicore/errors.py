@@ -136,7 +136,11 @@ class PermissionDenied(RemoteError):
 
     @property
     def groups(self) -> Sequence[str]:
-        return tuple(self.detail.get("groups", ()))
+        """Descriptions of the groups that would allow the action (empty if unknown)."""
+        groups = self.detail.get("groups")
+        if not isinstance(groups, (list, tuple)):
+            return ()
+        return tuple(g for g in groups if isinstance(g, str))
 
 
 class Unavailable(RemoteError):

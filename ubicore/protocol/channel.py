@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from .messages import Change, ChannelMessage, Delta, Heartbeat
 
 MAX_BUFFERED_BATCHES = 1_000_000
-"""While a dump is in flight, at most this many batches wait; past it the oldest go and
-the dump is asked again (a dump larger than the channel can buffer restarts the join)."""
+"""While a dump is in flight, at most this many batches wait; past it the whole buffer
+is dropped and a fresh dump asked for (the join starts over)."""
 
 
 class FollowState(enum.Enum):
@@ -100,13 +100,16 @@ class ChannelFollower:
         self.state = FollowState.LIVE
         pending, self._buffer, self._buffered = self._buffer, [], 0
         released: list[Batch] = []
+        duplicates = self.duplicates  # batches the dump already holds are not channel duplicates
         for delta in pending:
             if delta.instance_id != instance_id:
                 continue  # from the instance before a restart, or from a newer one: see below
             res = self._advance(delta)
             released.extend(res.batches)
             if res.resync is not None:
+                self.duplicates = duplicates
                 return FeedResult(released, res.resync)
+        self.duplicates = duplicates
         # A delta from an instance other than the dump's (a restart raced the dump) shows up
         # again on the next heartbeat or delta and triggers NEW_INSTANCE then.
         return FeedResult(released)
