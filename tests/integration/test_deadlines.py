@@ -1,0 +1,83 @@
+"""Deadlines over real sockets: a call or a join with nobody answering ends in CallTimeout.
+
+Each case runs under an outer ``asyncio.timeout`` far longer than the call's deadline;
+a hang would end there with a plain TimeoutError, which ``pytest.raises(CallTimeout)``
+does not accept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from ubicore.client import NAMING_CELL, NAMING_SCHEMA, Client
+from ubicore.errors import CallTimeout, RemoteError
+from ubicore.testing import COUNTER, free_ports, run_async, running_site
+from ubicore.transport.rpc import RpcConnection
+
+HANG_GUARD_S = 5.0
+
+
+@run_async
+async def test_call_to_an_endpoint_where_nothing_listens_times_out(tmp_path: Path) -> None:
+    (port,) = free_ports(1)
+    conn = RpcConnection(f"tcp://127.0.0.1:{port}")
+    try:
+        async with asyncio.timeout(HANG_GUARD_S):
+            with pytest.raises(CallTimeout) as info:
+                await conn.call(COUNTER, "Site", "get", {"name": "x"}, 0.2)
+            assert isinstance(info.value, TimeoutError) and isinstance(info.value, RemoteError)
+            assert info.value.code == "timeout"
+            # Many calls in flight all end by their deadlines, and nothing is left pending.
+            results = await asyncio.gather(
+                *(conn.call(COUNTER, "Site", "bump", {"name": "x"}, 0.1 + i / 100) for i in range(20)),
+                return_exceptions=True,
+            )
+        assert all(isinstance(r, CallTimeout) for r in results)
+        assert conn.caller.pending == 0
+        assert conn.caller.stats.timeouts == 21
+    finally:
+        conn.close()
+
+
+@run_async
+async def test_client_whose_core_has_nobody_times_out(tmp_path: Path) -> None:
+    rpc_port, event_port = free_ports(2)
+    client = Client(f"tcp://127.0.0.1:{rpc_port}", f"tcp://127.0.0.1:{event_port}", timeout_s=0.2)
+    try:
+        async with asyncio.timeout(HANG_GUARD_S):
+            with pytest.raises(CallTimeout):  # find joins the naming registry first
+                await client.find(COUNTER, "Site")
+            with pytest.raises(CallTimeout):
+                await client.call("Site", COUNTER, "get", name="x")
+            with pytest.raises(CallTimeout):  # naming itself is reached directly
+                await client.call(NAMING_CELL, NAMING_SCHEMA, "lookup", schema=COUNTER, cell="Site")
+    finally:
+        await client.close()
+
+
+@run_async
+async def test_joining_an_instance_that_does_not_answer_times_out(tmp_path: Path) -> None:
+    async with running_site(tmp_path, instances=[]) as rs:
+        # A registration whose endpoints nobody serves (a crashed instance, say).
+        rpc_port, event_port = free_ports(2)
+        await rs.client.call(
+            NAMING_CELL, NAMING_SCHEMA, "register", schema=COUNTER, cell="Site", host="host-a",
+            rpc=f"tcp://127.0.0.1:{rpc_port}", events=f"tcp://127.0.0.1:{event_port}",
+            instance_id=bytes(16), protection="open",
+        )
+        info = await rs.client.find(COUNTER, "Site", wait_s=2.0)
+        assert info.rpc.endswith(f":{rpc_port}")
+        async with asyncio.timeout(HANG_GUARD_S):
+            with pytest.raises(CallTimeout):
+                await rs.client.cache("Site", COUNTER, timeout_s=0.2)
+            with pytest.raises(CallTimeout):
+                await rs.client.follow("Site", COUNTER, lambda batch: None, timeout_s=0.2)
+            with pytest.raises(CallTimeout):
+                await rs.client.call("Site", COUNTER, "bump", name="x", timeout_s=0.2)
+        # The client still works for what does answer.
+        assert (await rs.client.call(NAMING_CELL, NAMING_SCHEMA, "lookup", schema=COUNTER, cell="Site"))[
+            "rpc"
+        ] == info.rpc
