@@ -16,6 +16,7 @@ A :class:`Follower` is the non-caching mode: it hands over delta batches as they
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import types
 from collections.abc import Callable, Mapping
@@ -34,6 +35,7 @@ Row = tuple[Any, ...]
 Key = tuple[Any, ...]
 ChangeCallback = Callable[[str, Row | None, Row | None], None]
 DUMP_TIMEOUT_S = 10.0
+WELCOME_WAIT_S = 1.0
 RETRY_MIN_S, RETRY_MAX_S = 0.05, 2.0
 
 
@@ -150,6 +152,13 @@ class _Joined:
 
     async def _dump_loop(self) -> None:
         delay = RETRY_MIN_S
+        sub = self._sub
+        if sub is not None and not sub.welcomed.is_set():
+            # Dump only once the publisher confirmed our subscription, so that no commit
+            # falls between the dump and the channel (a publisher without welcome
+            # messages costs WELCOME_WAIT_S, and gap detection still heals the join).
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(sub.welcomed.wait(), WELCOME_WAIT_S)
         while not self.closed:
             self._again = False
             try:

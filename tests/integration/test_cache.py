@@ -160,3 +160,17 @@ async def test_follower_gets_batches_in_order_after_the_join_point(tmp_path: Pat
         ]
         assert batches[-1].changes == (Change("counters", Op.DELETE, ("c",)),)
         assert follower.resyncs == resyncs and len(dumps) == n_dumps
+
+
+@run_async
+async def test_a_join_is_tight_no_commit_falls_between_dump_and_channel(tmp_path: Path) -> None:
+    # The instance's XPUB welcomes each subscriber once its subscription is in place,
+    # and the cache dumps only then: a commit made the moment the join returns must
+    # arrive as a delta, never by a re-dump. Without the welcome this fails now and then.
+    async with running_site(tmp_path, instances=[(COUNTER, "Site")]) as rs:
+        for i in range(15):
+            cache = await rs.client.cache("Site", COUNTER)
+            await rs.client.call("Site", COUNTER, "bump", name=f"join-{i}")
+            await cache.wait_for(lambda c, i=i: (f"join-{i}",) in c.table("counters"), 3.0)
+            assert cache.resyncs == 0, f"join {i} needed a re-dump"
+            await cache.close()

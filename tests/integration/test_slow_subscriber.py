@@ -29,10 +29,10 @@ def small_buffers(make: Any, *, pub_hwm: int | None = None) -> Any:
     """``make_socket`` whose PUB/SUB sockets have small kernel buffers (and ``pub_hwm``)."""
 
     def make_small(kind: int, *, hwm: int | None = None) -> Any:
-        if kind == zmq.PUB and pub_hwm is not None:
+        if kind in (zmq.PUB, zmq.XPUB) and pub_hwm is not None:
             hwm = pub_hwm
         sock = make(kind, hwm=hwm)
-        if kind in (zmq.PUB, zmq.SUB):
+        if kind in (zmq.PUB, zmq.XPUB, zmq.SUB):
             sock.setsockopt(zmq.SNDBUF, KERNEL_BUFFER_BYTES)
             sock.setsockopt(zmq.RCVBUF, KERNEL_BUFFER_BYTES)
         return sock

@@ -25,7 +25,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .messages import Change, ChannelMessage, Delta, Heartbeat
+from .messages import Change, ChannelMessage, Delta, Heartbeat, Welcome
 
 MAX_BUFFERED_BATCHES = 1_000_000
 """While a dump is in flight, at most this many batches wait; past it the whole buffer
@@ -76,6 +76,8 @@ class ChannelFollower:
     _buffered: int = 0
 
     def feed(self, msg: ChannelMessage) -> FeedResult:
+        if isinstance(msg, Welcome):
+            return _NOTHING  # for the owner's join timing; no state
         if self.state is FollowState.SYNCING:
             if isinstance(msg, Delta):
                 self._buffer.append(msg)

@@ -33,6 +33,7 @@ from .messages import (
     Reply,
     Request,
     ServerMessage,
+    Welcome,
 )
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -44,8 +45,11 @@ HEADER_REPLY = _HEADERS[Kind.REPLY]
 HEADER_ERROR = _HEADERS[Kind.ERROR]
 HEADER_DELTA = _HEADERS[Kind.DELTA]
 HEADER_HEARTBEAT = _HEADERS[Kind.HEARTBEAT]
+HEADER_WELCOME = _HEADERS[Kind.WELCOME]
+_WELCOME = Welcome()
 
 _packb = msgpack.Packer(use_bin_type=True, strict_types=False).pack
+_new_tuple = tuple.__new__
 _MAX_UINT64 = 2**64 - 1
 
 
@@ -199,12 +203,14 @@ def _parse_batches(raw: Any) -> tuple[tuple[Change, ...], ...]:
             rel, op, row = ch
             if type(rel) is not str or type(op) is not int or not 1 <= op <= 3 or type(row) is not list:
                 raise ProtocolError("a change must be [relation, op 1..3, row array]")
-            changes.append(Change(rel, op, tuple(row)))
+            changes.append(_new_tuple(Change, (rel, op, tuple(row))))  # Change(...) minus its Python __new__
         out.append(tuple(changes))
     return tuple(out)
 
 
 def parse_channel_message(frames: Sequence[bytes]) -> ChannelMessage:
+    if len(frames) == 1 and bytes(frames[0]) == HEADER_WELCOME:
+        return _WELCOME
     kind, body = _split(frames)
     if kind is Kind.DELTA:
         iid, first, batches = _array(body, 3, "delta")

@@ -24,6 +24,7 @@ class Kind(enum.IntEnum):
     ERROR = 0x03
     DELTA = 0x10
     HEARTBEAT = 0x11
+    WELCOME = 0x12
 
 
 class Op(enum.IntEnum):
@@ -104,8 +105,14 @@ class Heartbeat:
     seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Event channel, to one new subscriber only: its subscription is in place, so
+    every batch committed from now on will reach it. A header frame and no body."""
+
+
 ClientMessage = Request
 ServerMessage = Reply | ErrorReply
-ChannelMessage = Delta | Heartbeat
+ChannelMessage = Delta | Heartbeat | Welcome
 
 INSTANCE_ID_BYTES = 16

@@ -268,13 +268,11 @@ class RunningSite:
     async def settle(
         self, joined: Cache | Follower, commit: Callable[[], Awaitable[object]], timeout_s: float = REGISTER_WAIT_S
     ) -> None:
-        """Make sure a fresh cache or follower hears its channel before a test counts.
+        """Wait until a cache or follower is live at a commit made now by ``commit()``.
 
-        ZeroMQ subscribes asynchronously: a batch committed right after a join can pass
-        before the subscription takes effect, and the joined object only catches up at
-        the instance's next heartbeat, by a re-dump. Call ``commit()`` (any update of the
-        instance) and wait until ``joined`` is live at that commit; from then on every
-        batch arrives as a delta, in order.
+        Joins are tight (the instance welcomes each subscription before the dump is
+        taken), so this is a liveness check: after it, every batch arrives as a delta,
+        in order, and a test can count them.
         """
         server = self.servers[(joined.schema, joined.cell)]
         await commit()
