@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import zmq
 
 from .dispatch import InstanceCore
-from .protocol.codec import encode_delta_batches, encode_heartbeat
+from .protocol.codec import HEADER_WELCOME, encode_delta_batches, encode_heartbeat
 from .protocol.messages import Heartbeat
 from .store import Transaction
 from .transport.sockets import Pump, bind, make_socket
@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 MAX_COALESCED_BATCHES = 256
 DEFAULT_HEARTBEAT_S = 1.0
 PUB_HWM = 100_000
+"""Messages queued per subscriber before the channel drops (each up to 256 batches)."""
+ROUTER_HWM = 100_000
+"""Replies queued per caller before they are dropped (the caller then times out)."""
+
+
+def _discard(frames: list[bytes]) -> None:
+    pass
 
 
 class InstanceContext:
@@ -39,16 +46,32 @@ class InstanceContext:
         self.cell = server.core.cell
         self.options: Mapping[str, Any] = server.core.obj.options
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[Transaction]:
+    def transaction(self) -> contextlib.AbstractContextManager[Transaction]:
         """Commit on leaving the block and publish the changes; roll back on error."""
-        tx = self._server.core.store.transaction()
-        try:
-            yield tx
-        except BaseException:
+        return _CommitOnExit(self._server.core)
+
+
+class _CommitOnExit:
+    """The context manager of :meth:`InstanceContext.transaction` (a class rather than a
+    generator: simulators commit at high rates and this is on their path)."""
+
+    __slots__ = ("_core", "_tx")
+
+    def __init__(self, core: InstanceCore) -> None:
+        self._core = core
+        self._tx: Transaction | None = None
+
+    def __enter__(self) -> Transaction:
+        self._tx = self._core.store.transaction()
+        return self._tx
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        tx = self._tx
+        assert tx is not None
+        if exc_type is not None:
             tx.rollback()
-            raise
-        self._server.core.commit(tx)
+            return
+        self._core.commit(tx)
 
 
 class InstanceServer:
@@ -69,6 +92,7 @@ class InstanceServer:
         self._heartbeat_s = heartbeat_s
         self._router: Pump | None = None
         self._pub: zmq.Socket[bytes] | None = None
+        self._pub_pump: Pump | None = None
         self._flush_scheduled = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -85,8 +109,9 @@ class InstanceServer:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         host = f"[{self._address}]" if ":" in self._address else self._address
-        pub = make_socket(zmq.PUB, hwm=PUB_HWM)
-        router = make_socket(zmq.ROUTER, hwm=PUB_HWM)
+        pub = make_socket(zmq.XPUB, hwm=PUB_HWM)
+        pub.setsockopt(zmq.XPUB_WELCOME_MSG, HEADER_WELCOME)  # tells each subscriber it is in
+        router = make_socket(zmq.ROUTER, hwm=ROUTER_HWM)
         try:
             events = bind(pub, f"tcp://{host}:{self._ports[1] or '*'}")
             rpc = bind(router, f"tcp://{host}:{self._ports[0] or '*'}")
@@ -95,6 +120,8 @@ class InstanceServer:
             router.close(0)
             raise
         self._pub = pub
+        # An XPUB hands subscriptions up; nothing needs them, but they must be read.
+        self._pub_pump = Pump(pub, _discard, self._loop)
         self.core.endpoints.update(rpc=rpc, events=events)
         self._router = Pump(router, self._on_request, self._loop)
         self._tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeats"))
@@ -160,8 +187,10 @@ class InstanceServer:
         self._tasks.clear()
         if self._pub is not None:
             self.flush()
-            self._pub.close(0)
             self._pub = None
+        if self._pub_pump is not None:
+            self._pub_pump.close()  # closes the socket
+            self._pub_pump = None
         if self._router is not None:
             self._router.close()
             self._router = None

@@ -57,15 +57,20 @@ def _check(rel: Relation, col: Column, value: Any) -> Any:
     raise ConstraintViolation(f"{rel.name}.{col.name}: expected {col.type_name}, got {type(value).__name__}")
 
 
+_AS_IS = frozenset({str, bytes, bool})
+"""Column types whose values, when of exactly that type, need no range or NaN check."""
+
+
 def build_row(rel: Relation, values: Mapping[str, Any], base: Row | None = None) -> Row:
     """A validated row from column values; missing ones come from ``base`` or defaults."""
-    unknown = set(values) - rel.index.keys()
-    if unknown:
+    if not values.keys() <= rel.index.keys():  # no set built on the hot path
+        unknown = set(values) - rel.index.keys()
         raise ConstraintViolation(f"{rel.name}: no column {sorted(unknown)[0]!r}")
-    out = []
+    out: list[Any] = []
     for i, col in enumerate(rel.columns):
         if col.name in values:
-            out.append(_check(rel, col, values[col.name]))
+            value = values[col.name]
+            out.append(value if type(value) is col.type and col.type in _AS_IS else _check(rel, col, value))
         elif base is not None:
             out.append(base[i])
         elif col.has_default:
@@ -143,11 +148,13 @@ class RelationTx:
         """Insert the row, or replace the columns given if its key exists."""
         self._write()
         rel = self._rel
+        keys = rel.key
         try:
-            key = tuple(values[k] for k in rel.key)
+            key = (values[keys[0]],) if len(keys) == 1 else tuple(values[k] for k in keys)
         except KeyError as exc:
             raise ConstraintViolation(f"{rel.name}: upsert needs key column {exc.args[0]!r}") from None
-        old = self.get(*key)
+        overlay = self._overlay
+        old = overlay[key] if key in overlay else self._base.get(key)  # self.get(*key), inlined
         row = build_row(rel, values, base=old)
         if old is None:
             self._overlay[rel.key_of(row)] = row
