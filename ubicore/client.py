@@ -103,7 +103,10 @@ class Client:
         return self._naming
 
     def _registry_changed(self, relation: str, old: Any, new: Any) -> None:
-        if relation != "instances" or new is None:
+        if relation != "instances":
+            return
+        if new is None:  # deregistered: its connection has nobody left to talk to
+            self._drop_connection(old.rpc)
             return
         binding = Binding(new.schema, new.cell, new.rpc, new.events, new.instance_id)
         for joined in self._joined:
@@ -113,9 +116,17 @@ class Client:
             ):
                 joined.rebind(binding)
         if old is not None and old.rpc != new.rpc:
-            stale = self._conns.pop(old.rpc, None)
-            if stale is not None:
-                stale.close()
+            self._drop_connection(old.rpc)
+
+    def _drop_connection(self, endpoint: str) -> None:
+        if endpoint == self._naming_binding.rpc:
+            return
+        for joined in self._joined:
+            if joined.binding.rpc == endpoint:
+                return  # still someone's; it moves when that one rebinds
+        stale = self._conns.pop(endpoint, None)
+        if stale is not None:
+            stale.close()
 
     async def find(self, schema: str, cell: str, *, wait_s: float = 0.0) -> ServiceInfo:
         """Where (schema, cell) runs. Waits up to ``wait_s`` for it to register.

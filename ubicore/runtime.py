@@ -21,7 +21,7 @@ from .config.model import InstancePlan, SiteConfig
 from .dispatch import InstanceCore
 from .errors import ConfigError, RemoteError, SchemaError
 from .schema import Protection, Schema, registered_schemas
-from .service import InstanceServer
+from .service import DEFAULT_HEARTBEAT_S, InstanceServer
 from .store import Store, udata_path
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,14 @@ def make_core(site: SiteConfig, plan: InstancePlan, schema: type[Schema]) -> Ins
 
 
 @contextlib.asynccontextmanager
-async def serve_core(site: SiteConfig) -> AsyncIterator[InstanceServer]:
+async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> AsyncIterator[InstanceServer]:
     """Run the naming registry on the site's core endpoints while the block runs."""
     registry = resolve_schema(site, NAMING_SCHEMA)
     plan = InstancePlan(NAMING_SCHEMA, NAMING_CELL, site.core.host, None, {})
     core = make_core(site, plan, registry)
     server = InstanceServer(
-        core, address=site.core.address, rpc_port=site.core.rpc_port, event_port=site.core.event_port
+        core, address=site.core.address, rpc_port=site.core.rpc_port, event_port=site.core.event_port,
+        heartbeat_s=heartbeat_s,
     )
     await server.start()
     try:
@@ -121,11 +122,13 @@ async def _keep_registered(client: Client, plan: InstancePlan, server: InstanceS
 
 
 @contextlib.asynccontextmanager
-async def serve_instance(site: SiteConfig, plan: InstancePlan) -> AsyncIterator[InstanceServer]:
+async def serve_instance(
+    site: SiteConfig, plan: InstancePlan, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S
+) -> AsyncIterator[InstanceServer]:
     """Run one planned instance, registered with naming, while the block runs."""
     schema = resolve_schema(site, plan.schema)
     core = make_core(site, plan, schema)
-    server = InstanceServer(core, address=site.hosts[plan.host].address)
+    server = InstanceServer(core, address=site.hosts[plan.host].address, heartbeat_s=heartbeat_s)
     await server.start()
     client = Client.for_site(site)
     keeper = asyncio.create_task(_keep_registered(client, plan, server))

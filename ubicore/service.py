@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from .dispatch import InstanceCore
+from .errors import Unavailable
 from .protocol.codec import HEADER_WELCOME, encode_delta_batches, encode_heartbeat
 from .protocol.messages import Heartbeat
 from .store import Transaction
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MAX_COALESCED_BATCHES = 256
 DEFAULT_HEARTBEAT_S = 1.0
+BIND_RETRY_S = 2.0
 PUB_HWM = 100_000
 """Messages queued per subscriber before the channel drops (each up to 256 batches)."""
 ROUTER_HWM = 100_000
@@ -36,6 +38,18 @@ ROUTER_HWM = 100_000
 
 def _discard(frames: list[bytes]) -> None:
     pass
+
+
+async def _bind_retrying(sock: zmq.Socket[bytes], endpoint: str) -> str:
+    """Bind; a fixed port still held by a process that just stopped is retried for a while."""
+    deadline = asyncio.get_running_loop().time() + BIND_RETRY_S
+    while True:
+        try:
+            return bind(sock, endpoint)
+        except Unavailable as exc:
+            if endpoint.endswith(":*") or "in use" not in str(exc) or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 class InstanceContext:
@@ -113,8 +127,8 @@ class InstanceServer:
         pub.setsockopt(zmq.XPUB_WELCOME_MSG, HEADER_WELCOME)  # tells each subscriber it is in
         router = make_socket(zmq.ROUTER, hwm=ROUTER_HWM)
         try:
-            events = bind(pub, f"tcp://{host}:{self._ports[1] or '*'}")
-            rpc = bind(router, f"tcp://{host}:{self._ports[0] or '*'}")
+            events = await _bind_retrying(pub, f"tcp://{host}:{self._ports[1] or '*'}")
+            rpc = await _bind_retrying(router, f"tcp://{host}:{self._ports[0] or '*'}")
         except BaseException:
             pub.close(0)
             router.close(0)

@@ -105,3 +105,20 @@ async def test_instances_re_register_after_a_core_restart(tmp_path: Path, monkey
         assert await rs.client.call("Site", COUNTER, "bump", name="b") == 1
         await cache.wait_for(lambda c: ("b",) in c.table("counters"))
         assert cache.instance_id == rs.server(COUNTER, "Site").core.instance_id
+
+
+@run_async
+async def test_a_deregistered_instance_leaves_no_connection_behind(tmp_path: Path) -> None:
+    async with running_site(tmp_path, instances=[(COUNTER, "Site")]) as rs:
+        client = rs.new_client()
+        old = await client.find(COUNTER, "Site")
+        await client.call("Site", COUNTER, "bump", name="a")
+        assert old.rpc in client._conns
+        await rs.stop_instance(COUNTER, "Site")
+        naming = await client.naming()
+        await naming.wait_for(lambda n: (COUNTER, "Site") not in n.table("instances"))
+        assert old.rpc not in client._conns
+        new = await rs.start_instance(COUNTER, "Site")
+        await naming.wait_for(lambda n: (COUNTER, "Site") in n.table("instances"))
+        assert await client.call("Site", COUNTER, "bump", name="a") == 1  # a fresh instance: volatile counter
+        assert set(client._conns) == {rs.site.core.rpc_endpoint, new.rpc_endpoint}

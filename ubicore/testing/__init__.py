@@ -2,7 +2,9 @@
 
 :mod:`.site` serves a whole site in one process (core, instances, a client) on
 loopback with free ports, and runs ``async def`` tests under a hard timeout;
-:mod:`.schemas` declares ``UTest::Counter``, the schema those tests deploy.
+:mod:`.schemas` declares ``UTest::Counter``, the schema those tests deploy;
+:mod:`.peers` joins a caller and an instance, or a publisher and a follower, in memory
+(no sockets, no loop); :mod:`.processes` runs ``ubi site up`` as real processes.
 """
 
 from .schemas import COUNTER, Counter

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from ..client import Client
 from ..config import SiteConfig
+from .site import free_ports
 
-__all__ = ["LiveSite", "alive", "free_ports", "start_site", "stop_site", "write_site"]
+__all__ = ["LiveSite", "alive", "start_site", "stop_site", "write_site"]
 
 SITE_TEMPLATE = """\
 site: proc-test
@@ -41,19 +42,6 @@ deployments:
     level: zone
     options: {{rate_hz: 20, tags: 3}}
 """
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def alive(pid: int) -> bool:
