@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from site_docs import CONFIG_UPDATE, DEMO, MINIMAL, POSITIONS, REPO, SOURCE, minimal_doc, parse_doc
+from .site_docs import CONFIG_UPDATE, DEMO, MINIMAL, POSITIONS, REPO, SOURCE, minimal_doc, parse_doc
 
 from ubicore.config import (
     CellConfig,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from site_docs import DEMO, MINIMAL, POSITIONS, SOURCE, config_error, demo_doc, parse_doc
+from .site_docs import DEMO, MINIMAL, POSITIONS, SOURCE, config_error, demo_doc, parse_doc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

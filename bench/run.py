@@ -1,0 +1,168 @@
+"""Run the ubicore benchmark suite; print one JSON document on stdout.
+
+Usage: ``python bench/run.py [--quick] [--only events|rpc|join] [--out FILE] [--profile DIR]``
+
+Each measurement runs against raw pyzmq doing the same transfers in the same run, and is
+reported as a ratio (see bench/README.md). The instance under test runs in a child
+process (``ubicore_child.py``: core + instances of a generated site file on free
+127.0.0.1 ports); the subscriber or client runs in this process. Progress goes to
+stderr. Exit status 0 when every section ran (missed targets included), 1 when a
+section failed with an error (recorded in the JSON under that section's ``error``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Child, free_port, log, machine  # noqa: E402
+from measure_events import bench_events  # noqa: E402
+from measure_join import bench_join  # noqa: E402
+from measure_rpc import bench_rpc  # noqa: E402
+from ubicore.client import Client  # noqa: E402
+from ubicore.config import load_site  # noqa: E402
+
+SECTIONS = ("events", "rpc", "join")
+FULL = {"events_n": 200_000, "events_reps": 3, "rpc_calls": 10_000, "rpc_reps": 3, "join_rows": 100_000,
+        "join_reps": 3}
+QUICK = {"events_n": 100_000, "events_reps": 1, "rpc_calls": 5000, "rpc_reps": 1, "join_rows": 100_000,
+         "join_reps": 1}
+FIND_WAIT_S = 15.0
+CHILD_CHECK_S = 0.5
+
+SITE_TEMPLATE = """\
+site: ubench
+dataset: {dataset}
+imports: [schemas]
+core: {{host: bench, rpc_port: {rpc}, event_port: {events}}}
+hosts:
+  bench: {{address: 127.0.0.1}}
+cells:
+  Site:
+    level: site
+    host: bench
+    children:
+      Bench-A: {{level: zone}}
+      Bench-B: {{level: zone}}
+deployments:
+  - {{schema: UBench::Stream, cell: Bench-A}}
+  - {{schema: UBench::Table, cell: Bench-B}}
+"""
+
+
+def write_site(directory: Path) -> Path:
+    rpc = free_port()
+    events = free_port()
+    while events == rpc:
+        events = free_port()
+    path = directory / "ubench.yaml"
+    path.write_text(SITE_TEMPLATE.format(dataset=directory / "dataset", rpc=rpc, events=events))
+    return path
+
+
+async def _watched(section: Awaitable[dict[str, Any]], child: Child) -> dict[str, Any]:
+    """Run a section; cancel it at once if the ubicore child dies under it."""
+    task = asyncio.ensure_future(section)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=CHILD_CHECK_S)
+            if done:
+                return task.result()
+            if child.proc.poll() is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                raise RuntimeError(f"the ubicore child died (exit status {child.proc.returncode})")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def run_sections(args: argparse.Namespace, cfg: dict[str, Any], result: dict[str, Any]) -> bool:
+    """Run the chosen sections into ``result``; False if any raised."""
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="ubench-") as tmp:
+        site_path = write_site(Path(tmp))
+        env = {"UBENCH_PROFILE": str(Path(args.profile).resolve() / "server.prof")} if args.profile else None
+        log(f"starting the ubicore child ({site_path})")
+        child = Child("ubicore_child.py", str(site_path), env=env)
+        client: Client | None = None
+        try:
+            client = Client.for_site(load_site(site_path))
+            await client.find("UBench::Stream", "Bench-A", wait_s=FIND_WAIT_S)
+            await client.find("UBench::Table", "Bench-B", wait_s=FIND_WAIT_S)
+            runners: dict[str, Callable[[Client], Awaitable[dict[str, Any]]]] = {
+                "events": lambda c: bench_events(c, cfg["events_n"], cfg["events_reps"]),
+                "rpc": lambda c: bench_rpc(c, cfg["rpc_calls"], cfg["rpc_reps"]),
+                "join": lambda c: bench_join(c, cfg["join_rows"], cfg["join_reps"]),
+            }
+            for name in SECTIONS:
+                if args.only is not None and name != args.only:
+                    continue
+                log(f"[{name}] running")
+                t0 = time.perf_counter()
+                try:
+                    result[name] = await _watched(runners[name](client), child)
+                except Exception as exc:
+                    ok = False
+                    result[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                    log(f"[{name}] FAILED: {type(exc).__name__}: {exc}")
+                log(f"[{name}] done in {time.perf_counter() - t0:.1f} s")
+        finally:
+            if client is not None:
+                await client.close()
+            status = child.close()
+            if status not in (0, None):
+                log(f"ubicore child exited with {status}:\n{child.log_tail()}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="ubicore benchmarks against raw pyzmq")
+    parser.add_argument("--quick", action="store_true", help="smaller counts, one repetition (~30 s)")
+    parser.add_argument("--only", choices=SECTIONS, help="run one section")
+    parser.add_argument("--out", type=Path, help="also write the JSON document to FILE")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="cProfile the bench process (client.prof) and the ubicore child (server.prof)")
+    args = parser.parse_args(argv)
+    cfg = dict(QUICK if args.quick else FULL)
+    result: dict[str, Any] = {"machine": machine(), "config": {"quick": args.quick, **cfg}}
+    prof = None
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        prof = cProfile.Profile()
+        prof.enable()
+    t0 = time.perf_counter()
+    try:
+        ok = asyncio.run(run_sections(args, cfg, result))
+    except Exception as exc:
+        ok = False
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"FAILED: {result['error']}")
+    finally:
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(str(args.profile / "client.prof"))
+    result["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
