@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 Row = tuple[Any, ...]
 Key = tuple[Any, ...]
 ChangeCallback = Callable[[str, Row | None, Row | None], None]
+DELETE = int(Op.DELETE)
+_new_row = tuple.__new__
 DUMP_TIMEOUT_S = 10.0
 WELCOME_WAIT_S = 1.0
 RETRY_MIN_S, RETRY_MAX_S = 0.05, 2.0
@@ -311,31 +313,42 @@ class Cache(_Joined):
             self._note_resync(self.follower.resync(ResyncReason.GAP).resync or ResyncReason.GAP)
 
     def _apply_changes(self, batches: Any) -> None:
+        # The per-event hot path of a cache: per relation, everything needed is looked up
+        # once per message, rows become named tuples without a Python-level call, and
+        # callbacks are called inline.
+        plans: dict[str, tuple[dict[Key, Row], Any, int, int, tuple[int, ...]]] = {}
         tables, infos = self._tables, self.infos
-        notify = bool(self._on_change or self._by_rel)
+        on_change, by_rel = self._on_change, self._by_rel
         for batch in batches:
-            for rel, op, row in batch.changes:
-                table = tables.get(rel)
-                if table is None:
-                    self.malformed += 1
-                    continue
-                info = infos[rel]
-                if op == Op.DELETE:
+            for rel, op, row in batch[1]:
+                plan = plans.get(rel)
+                if plan is None:
+                    table = tables.get(rel)
+                    if table is None:
+                        self.malformed += 1
+                        continue
+                    info = infos[rel]
+                    ki = info.key_index
+                    plan = plans[rel] = (table, info.row_type, len(info.columns), ki[0] if len(ki) == 1 else -1, ki)
+                table, row_type, width, k0, ki = plan
+                if op == DELETE:
                     old = table.pop(row, None)
-                    if notify and old is not None:
+                    if old is not None and (on_change or by_rel):
                         self._emit(rel, old, None)
                     continue
-                try:
-                    new = info.row_type._make(row)
-                except TypeError:
+                if len(row) != width:
                     self.malformed += 1
                     continue
-                ki = info.key_index
-                key = (new[ki[0]],) if len(ki) == 1 else tuple(new[i] for i in ki)
+                new = _new_row(row_type, row)
+                key = (new[k0],) if k0 >= 0 else tuple([new[i] for i in ki])
                 old = table.get(key)
                 table[key] = new
-                if notify:
-                    self._emit(rel, old, new)
+                if on_change:
+                    for cb in on_change:
+                        cb(rel, old, new)
+                if by_rel and rel in by_rel:
+                    for cb in by_rel[rel]:
+                        cb(rel, old, new)
 
 
 class Follower(_Joined):

@@ -42,6 +42,7 @@ from ubicore.protocol.messages import (
     Kind,
     Reply,
     Request,
+    Welcome,
 )
 
 PROPERTY = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
@@ -167,7 +168,7 @@ def test_pack_refuses_values_that_cannot_travel() -> None:
 PARSERS: list[tuple[Callable[[Sequence[bytes]], object], tuple[type, ...]]] = [
     (parse_request, (Request,)),
     (parse_server_message, (Reply, ErrorReply)),
-    (parse_channel_message, (Delta, Heartbeat)),
+    (parse_channel_message, (Delta, Heartbeat, Welcome)),
 ]
 
 
@@ -322,9 +323,9 @@ def test_oversized_body_is_refused_before_unpacking() -> None:
     huge = bytes(MAX_FRAME_BYTES + 1)  # zero pages: cheap to make, never read
     with pytest.raises(ProtocolError, match="exceeds"):
         unpack(huge)
-    for parse, _ in PARSERS:
+    for (parse, _), header in zip(PARSERS, (HEADER_REQUEST, HEADER_REPLY, HEADER_DELTA)):
         with pytest.raises(ProtocolError, match="exceeds"):
-            parse([HEADERS[0], huge])
+            parse([header, huge])
 
 
 def test_body_at_the_limit_is_unpacked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -451,3 +452,12 @@ def test_raw_msgpack_from_another_client_parses() -> None:
     """A client in another language packs with its own library; only the shape matters."""
     body = msgpack.packb([7, "A::B", "Site", "op", {"x": 1}, 500], use_bin_type=True)
     assert parse_request([b"UB\x01\x01", body]) == REQ
+
+
+def test_welcome_is_a_lone_header_frame() -> None:
+    from ubicore.protocol.codec import HEADER_WELCOME
+
+    assert parse_channel_message([HEADER_WELCOME]) == Welcome()
+    for frames in ([HEADER_WELCOME, b""], [HEADER_WELCOME, pack([])], [HEADER_WELCOME + b"x"]):
+        with pytest.raises(ProtocolError):
+            parse_channel_message(frames)

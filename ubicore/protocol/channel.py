@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .messages import Change, ChannelMessage, Delta, Heartbeat, Welcome
 
@@ -43,9 +44,9 @@ class ResyncReason(enum.Enum):
     BUFFER_OVERFLOW = "buffer overflow"
 
 
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """One committed transaction to apply, with its sequence number."""
+class Batch(NamedTuple):
+    """One committed transaction to apply, with its sequence number. (A named tuple, not
+    a dataclass: followers make one per batch on the channel's hot path.)"""
 
     seq: int
     changes: tuple[Change, ...]
@@ -61,6 +62,7 @@ class FeedResult:
 
 
 _NOTHING = FeedResult()
+_new_batch = tuple.__new__
 
 
 @dataclass(slots=True)
@@ -131,7 +133,7 @@ class ChannelFollower:
             batches = batches[skip:]
             first = expected
         self.seq = first + len(batches) - 1
-        return FeedResult([Batch(first + i, b) for i, b in enumerate(batches)])
+        return FeedResult([_new_batch(Batch, (first + i, b)) for i, b in enumerate(batches)])
 
     def resync(self, reason: ResyncReason) -> FeedResult:
         """Give up the current copy (the owner found it suspect) and ask for a dump."""

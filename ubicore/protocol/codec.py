@@ -189,33 +189,51 @@ def encode_heartbeat(hb: Heartbeat) -> list[bytes]:
     return [HEADER_HEARTBEAT, pack([hb.instance_id, hb.seq])]
 
 
+def _unpack_tuples(body: bytes) -> Any:
+    """Unpack with arrays as tuples: channel rows then need no copy to become rows."""
+    if len(body) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"body of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=False)
+    except Exception as exc:
+        raise ProtocolError(f"malformed msgpack body: {type(exc).__name__}") from None
+
+
 def _parse_batches(raw: Any) -> tuple[tuple[Change, ...], ...]:
-    if type(raw) is not list or not raw:
+    # The per-event hot path of every subscriber: checks inline, no per-change copies.
+    if type(raw) is not tuple or not raw:
         raise ProtocolError("delta batches must be a non-empty array")
     out = []
     for batch in raw:
-        if type(batch) is not list:
+        if type(batch) is not tuple:
             raise ProtocolError("a delta batch must be an array")
-        changes = []
         for ch in batch:
-            if type(ch) is not list or len(ch) != 3:
+            if type(ch) is not tuple or len(ch) != 3:
                 raise ProtocolError("a change must be an array of 3")
             rel, op, row = ch
-            if type(rel) is not str or type(op) is not int or not 1 <= op <= 3 or type(row) is not list:
+            if type(rel) is not str or type(op) is not int or not 1 <= op <= 3 or type(row) is not tuple:
                 raise ProtocolError("a change must be [relation, op 1..3, row array]")
-            changes.append(_new_tuple(Change, (rel, op, tuple(row))))  # Change(...) minus its Python __new__
-        out.append(tuple(changes))
+        out.append(tuple([_new_tuple(Change, ch) for ch in batch]))  # Change(...) minus its Python __new__
     return tuple(out)
 
 
 def parse_channel_message(frames: Sequence[bytes]) -> ChannelMessage:
     if len(frames) == 1 and bytes(frames[0]) == HEADER_WELCOME:
         return _WELCOME
-    kind, body = _split(frames)
+    if len(frames) != 2:
+        raise ProtocolError(f"expected 2 frames, got {len(frames)}")
+    kind = parse_header(bytes(frames[0]))
+    if kind is not Kind.DELTA and kind is not Kind.HEARTBEAT:
+        raise ProtocolError(f"expected a channel message, got {kind.name.lower()}")
+    body = _unpack_tuples(bytes(frames[1]))
+    if type(body) is not tuple:
+        raise ProtocolError(f"{kind.name.lower()} body must be an array")
     if kind is Kind.DELTA:
-        iid, first, batches = _array(body, 3, "delta")
+        if len(body) != 3:
+            raise ProtocolError("delta body must be an array of 3")
+        iid, first, batches = body
         return Delta(_instance_id(iid), _uint(first, "first_seq"), _parse_batches(batches))
-    if kind is Kind.HEARTBEAT:
-        iid, seq = _array(body, 2, "heartbeat")
-        return Heartbeat(_instance_id(iid), _uint(seq, "seq"))
-    raise ProtocolError(f"expected a channel message, got {kind.name.lower()}")
+    if len(body) != 2:
+        raise ProtocolError("heartbeat body must be an array of 2")
+    iid, seq = body
+    return Heartbeat(_instance_id(iid), _uint(seq, "seq"))
