@@ -39,7 +39,7 @@ async def live_client(site: SiteConfig, stop: asyncio.Event, say: Callable[[str]
     async with Client.for_site(site) as client:
         services = await client.services()
         say(table(["schema", "cell", "host", "protection", "rpc"],
-                  [(r["schema"], r["cell"], r["host"], r["protection"], r["rpc"]) for r in services["instances"]]))
+                  sorted((r["schema"], r["cell"], r["host"], r["protection"], r["rpc"]) for r in services["instances"])))
         caches: dict[str, Cache] = {}
         counts: dict[str, int] = {}
         for plan in site.instances:
