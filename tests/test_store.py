@@ -465,3 +465,14 @@ def test_nan_is_refused_in_float_columns() -> None:
     with pytest.raises(ConstraintViolation, match="NaN"):
         tx.r.insert(k="a", v=float("nan"))
     assert tx.r.insert(k="b", v=float("inf")).v == float("inf")
+
+
+def test_a_dataset_that_cannot_be_created_is_a_store_error(tmp_path: Path) -> None:
+    class _P(Schema, name="UTestStoreDir::S"):
+        r = Relation(Column("k", str), key=("k",), persistent=True)
+
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("")
+    with pytest.raises(StoreError) as info:
+        Store(_P, blocker / "cell" / "UTestStoreDir%S.udata")
+    assert str(blocker) in str(info.value)

@@ -242,6 +242,9 @@ class Store:
         except sqlite3.Error as exc:
             self.close()
             raise StoreError(f"{path}: {exc}") from None
+        except OSError as exc:  # the dataset directory cannot be made
+            self.close()
+            raise StoreError(f"{path}: {exc.strerror or exc}") from None
         except StoreError:
             self.close()  # a file we refuse is not left open
             raise
