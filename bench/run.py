@@ -102,8 +102,8 @@ async def run_sections(args: argparse.Namespace, cfg: dict[str, Any], result: di
         client: Client | None = None
         try:
             client = Client.for_site(load_site(site_path))
-            await client.find("UBench::Stream", "Bench-A", wait_s=FIND_WAIT_S)
-            await client.find("UBench::Table", "Bench-B", wait_s=FIND_WAIT_S)
+            await client.find("Bench-A", "UBench::Stream", wait_s=FIND_WAIT_S)
+            await client.find("Bench-B", "UBench::Table", wait_s=FIND_WAIT_S)
             runners: dict[str, Callable[[Client], Awaitable[dict[str, Any]]]] = {
                 "events": lambda c: bench_events(c, cfg["events_n"], cfg["events_reps"]),
                 "rpc": lambda c: bench_rpc(c, cfg["rpc_calls"], cfg["rpc_reps"]),

@@ -12,7 +12,9 @@ Options: ``rate_hz`` (ticks per second, default 5; 0 stops the simulator), ``tag
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import re
 import time
 from typing import Any
 
@@ -20,7 +22,10 @@ from ubicore.errors import BadArguments, NotFound
 from ubicore.schema import Column, Relation, Schema, read, update
 from ubicore.store import Transaction
 
+log = logging.getLogger(__name__)
+
 SCHEMA = "ULocation::Positions"
+SIMULATED_TAG = re.compile(r"T-(\d+)")
 AREA_M = 50.0
 STEP_M = 0.5
 MAX_RATE_HZ = 1000.0
@@ -53,13 +58,17 @@ class Positions(Schema, name=SCHEMA, protection="open"):
                 rate_hz=float(self.options.get("rate_hz", 5.0)),
                 tags=int(self.options.get("tags", 6)),
             )
+        rate = float(self.options.get("rate_hz", 5.0))
         while True:
-            with ctx.transaction() as tx:
-                sim = tx.simulator.get("sim")
-                if sim.rate_hz > 0:
-                    self._tick(tx, rng, sim.tags)
-                    tx.simulator.update(name="sim", ticks=sim.ticks + 1)
-            rate = sim.rate_hz
+            try:
+                with ctx.transaction() as tx:
+                    sim = tx.simulator.get("sim")
+                    rate = sim.rate_hz
+                    if rate > 0:
+                        self._tick(tx, rng, sim.tags)
+                        tx.simulator.update(name="sim", ticks=sim.ticks + 1)
+            except Exception:  # one bad tick must not stop the simulator
+                log.exception("%s at %s: a simulator tick failed", SCHEMA, self.cell)
             await asyncio.sleep(1.0 / rate if rate > 0 else 0.5)
 
     def _tick(self, tx: Transaction, rng: random.Random, tags: int) -> None:
@@ -74,8 +83,9 @@ class Positions(Schema, name=SCHEMA, protection="open"):
                 y = min(AREA_M, max(0.0, old.y + rng.uniform(-STEP_M, STEP_M)))
             tx.positions.upsert(tag=tag, x=round(x, 3), y=round(y, 3), t=now)
         for row in list(tx.positions):
-            if int(row.tag[2:]) > tags:
-                tx.positions.delete(row.tag)
+            simulated = SIMULATED_TAG.fullmatch(row.tag)
+            if simulated is not None and int(simulated.group(1)) > tags:
+                tx.positions.delete(row.tag)  # placed tags (other names) are left alone
 
     @update
     def set_rate(self, tx: Transaction, rate_hz: float) -> None:

@@ -476,3 +476,20 @@ def test_a_dataset_that_cannot_be_created_is_a_store_error(tmp_path: Path) -> No
     with pytest.raises(StoreError) as info:
         Store(_P, blocker / "cell" / "UTestStoreDir%S.udata")
     assert str(blocker) in str(info.value)
+
+
+def test_a_transaction_open_across_another_commit_is_refused() -> None:
+    class _C(Schema, name="UTestStoreConflict::S"):
+        r = Relation(Column("k", str), Column("n", int), key=("k",))
+
+    store = Store(_C, None)
+    first = store.transaction()
+    first.r.insert(k="a", n=1)
+    second = store.transaction()  # opened before first commits (as across an await)
+    second.r.insert(k="a", n=2)
+    assert first.commit()
+    with pytest.raises(ConstraintViolation, match="another transaction committed"):
+        second.commit()
+    assert store.tables["r"][("a",)].n == 1  # the first one's row stands, nothing half-applied
+    reader = store.transaction()
+    assert reader.r.get("a").n == 1 and reader.commit() == ()  # read-only ones never conflict

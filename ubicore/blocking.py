@@ -119,8 +119,8 @@ class BlockingClient:
                   timeout_s: float | None = None) -> Any:
         return self._run(self._client.call_args(cell, schema, operation, args, timeout_s=timeout_s))
 
-    def find(self, schema: str, cell: str, *, wait_s: float = 0.0) -> ServiceInfo:
-        return self._run(self._client.find(schema, cell, wait_s=wait_s))
+    def find(self, cell: str, schema: str, *, wait_s: float = 0.0) -> ServiceInfo:
+        return self._run(self._client.find(cell, schema, wait_s=wait_s))
 
     def services(self) -> dict[str, list[dict[str, Any]]]:
         return self._run(self._client.services())

@@ -58,6 +58,16 @@ class RelationInfo(NamedTuple):
     columns: tuple[str, ...]
 
 
+def _dump_parts(dump: Any) -> tuple[bytes, int, Mapping[str, Any]]:
+    """(instance id, sequence, relations) of a ``get_dump`` result, checked."""
+    if not isinstance(dump, dict):
+        raise ProtocolError("a dump must be a map")
+    iid, seq, relations = dump.get("instance_id"), dump.get("seq"), dump.get("relations")
+    if type(iid) is not bytes or type(seq) is not int or seq < 0 or not isinstance(relations, dict):
+        raise ProtocolError("a dump needs instance_id (bytes), seq (uint) and relations (map)")
+    return iid, seq, relations
+
+
 def relation_infos(description: Mapping[str, Any]) -> dict[str, RelationInfo]:
     """Row types and key positions from a schema description (``get_group``)."""
     from collections import namedtuple
@@ -90,6 +100,8 @@ class _Joined:
         self._again = False
         self._layout_stale = False
         self.infos: dict[str, RelationInfo] = {}
+        self.callback_errors = 0
+        self._on_close: Callable[[], None] | None = None
 
     @property
     def schema(self) -> str:
@@ -167,18 +179,23 @@ class _Joined:
                 conn = self._connect(self.binding.rpc)
                 infos = self.infos
                 if self._layout_stale or not infos:
-                    self._layout_stale = False
                     group = await conn.call(self.schema, self.cell, "get_group", {}, DUMP_TIMEOUT_S)
                     infos = relation_infos(group["schema"])
+                    self._layout_stale = False
                 dump = await conn.call(self.schema, self.cell, "get_dump", {}, DUMP_TIMEOUT_S)
-                iid, seq, relations = dump["instance_id"], dump["seq"], dump["relations"]
-                self._apply_dump(relations, infos)
+                iid, seq, relations = _dump_parts(dump)
+                notify = self._install_dump(relations, infos)
                 self.infos = infos
-            except (RemoteError, ProtocolError, KeyError, TypeError) as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # unreachable, malformed, or rows that do not fit the layout
+                if isinstance(exc, TypeError):
+                    self._layout_stale = True
                 log.info("%s@%s: dump failed (%s); retrying", self.schema, self.cell, exc)
                 await asyncio.sleep(delay)
                 delay = min(RETRY_MAX_S, delay * 2)
                 continue
+            notify()
             res = self.follower.dump_received(iid, seq)
             if res.batches:
                 self._apply_batches(res.batches)
@@ -189,14 +206,29 @@ class _Joined:
             if not self._again:
                 return
 
-    def _apply_dump(self, relations: Mapping[str, list[list[Any]]], infos: Mapping[str, RelationInfo]) -> None:
+    def _install_dump(
+        self, relations: Mapping[str, Any], infos: Mapping[str, RelationInfo]
+    ) -> Callable[[], None]:
+        """Take a dump in; what to tell the application, to be called once it is in."""
         raise NotImplementedError
 
     def _apply_batches(self, batches: list[Batch] | Any) -> None:
         raise NotImplementedError
 
+    def _call_back(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run application code; what it raises is logged and counted, never ours to die of."""
+        try:
+            callback(*args)
+        except Exception:
+            self.callback_errors += 1
+            log.exception("%s@%s: a callback raised", self.schema, self.cell)
+
     async def close(self) -> None:
+        if self.closed:
+            return
         self.closed = True
+        if self._on_close is not None:
+            self._on_close()
         if self._sub is not None:
             self._sub.close()
             self._sub = None
@@ -274,13 +306,15 @@ class Cache(_Joined):
 
     def _emit(self, rel: str, old: Row | None, new: Row | None) -> None:
         for cb in self._on_change:
-            cb(rel, old, new)
+            self._call_back(cb, rel, old, new)
         for cb in self._by_rel.get(rel, ()):
-            cb(rel, old, new)
+            self._call_back(cb, rel, old, new)
 
     # --- applying -------------------------------------------------------------------------
 
-    def _apply_dump(self, relations: Mapping[str, list[list[Any]]], infos: Mapping[str, RelationInfo]) -> None:
+    def _install_dump(self, relations: Mapping[str, Any], infos: Mapping[str, RelationInfo]) -> Callable[[], None]:
+        # Build everything first (a row that does not fit raises before anything changed),
+        # then update the tables in place, so that mappings handed out stay live.
         fresh: dict[str, dict[Key, Row]] = {}
         for name, info in infos.items():
             rows = relations.get(name, [])
@@ -290,32 +324,42 @@ class Cache(_Joined):
                 fresh[name] = {(r[k0],): make(r) for r in rows}
             else:
                 fresh[name] = {tuple(r[i] for i in ki): make(r) for r in rows}
-        old_tables = self._tables
-        self._tables = fresh
-        self._views = {n: types.MappingProxyType(t) for n, t in fresh.items()}
-        if not (self._on_change or self._by_rel):
-            return
+        changes: list[tuple[str, Row | None, Row | None]] = []
+        if self._on_change or self._by_rel:
+            for name, new_t in fresh.items():
+                old_t = self._tables.get(name, {})
+                changes += [(name, old_t.get(k), row) for k, row in new_t.items() if old_t.get(k) != row]
+                changes += [(name, old, None) for k, old in old_t.items() if k not in new_t]
         for name, new_t in fresh.items():
-            old_t = old_tables.get(name, {})
-            for key, row in new_t.items():
-                old = old_t.get(key)
-                if old != row:
-                    self._emit(name, old, row)
-            for key, old in old_t.items():
-                if key not in new_t:
-                    self._emit(name, old, None)
+            table = self._tables.get(name)
+            if table is None:
+                self._tables[name] = new_t
+                self._views[name] = types.MappingProxyType(new_t)
+            else:
+                table.clear()
+                table.update(new_t)
+        for name in [n for n in self._tables if n not in fresh]:  # gone from a newer declaration
+            del self._tables[name], self._views[name]
+
+        def notify() -> None:
+            for change in changes:
+                self._emit(*change)
+
+        return notify
 
     def _apply_batches(self, batches: Any) -> None:
         try:
             self._apply_changes(batches)
         except TypeError:  # a row or key the relation cannot hold: the copy is suspect
             self.malformed += 1
+            self._layout_stale = True
             self._note_resync(self.follower.resync(ResyncReason.GAP).resync or ResyncReason.GAP)
 
     def _apply_changes(self, batches: Any) -> None:
         # The per-event hot path of a cache: per relation, everything needed is looked up
         # once per message, rows become named tuples without a Python-level call, and
-        # callbacks are called inline.
+        # callbacks are called inline (each table change is made before its callbacks,
+        # and a callback that raises is logged, never allowed to cut a batch short).
         plans: dict[str, tuple[dict[Key, Row], Any, int, int, tuple[int, ...]]] = {}
         tables, infos = self._tables, self.infos
         on_change, by_rel = self._on_change, self._by_rel
@@ -345,10 +389,14 @@ class Cache(_Joined):
                 table[key] = new
                 if on_change:
                     for cb in on_change:
-                        cb(rel, old, new)
+                        try:
+                            cb(rel, old, new)
+                        except Exception:
+                            self.callback_errors += 1
+                            log.exception("%s@%s: a callback raised", self.schema, self.cell)
                 if by_rel and rel in by_rel:
                     for cb in by_rel[rel]:
-                        cb(rel, old, new)
+                        self._call_back(cb, rel, old, new)
 
 
 class Follower(_Joined):
@@ -369,13 +417,15 @@ class Follower(_Joined):
         self._on_batch = on_batch
         self._on_dump = on_dump
 
-    def _apply_dump(self, relations: Mapping[str, list[list[Any]]], infos: Mapping[str, RelationInfo]) -> None:
-        if self._on_dump is not None:
-            self._on_dump(relations)
+    def _install_dump(self, relations: Mapping[str, Any], infos: Mapping[str, RelationInfo]) -> Callable[[], None]:
+        on_dump = self._on_dump
+        if on_dump is None:
+            return lambda: None
+        return lambda: self._call_back(on_dump, relations)
 
     def _apply_batches(self, batches: Any) -> None:
         for batch in batches:
-            self._on_batch(batch)
+            self._call_back(self._on_batch, batch)
 
 
 __all__ = ["Binding", "Cache", "Follower", "RelationInfo", "Unavailable"]

@@ -88,18 +88,27 @@ class Client:
 
     # --- naming ---------------------------------------------------------------------------
 
-    async def naming(self) -> Cache:
-        """The client's live copy of the naming registry (joined on first use)."""
+    async def naming(self, *, timeout_s: float | None = None) -> Cache:
+        """The client's live copy of the naming registry (joined on first use, within
+        ``timeout_s``, by default the client's timeout)."""
         if self._naming is not None:
             return self._naming
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         if self._naming_lock is None:
             self._naming_lock = asyncio.Lock()
-        async with self._naming_lock:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._naming_lock.acquire()
+        except TimeoutError:
+            raise CallTimeout(f"could not join {NAMING_SCHEMA} at {NAMING_CELL} within {timeout:g} s") from None
+        try:
             if self._naming is None:
                 cache = Cache(self._naming_binding, self._connection)
-                await cache._start(self.timeout_s)
+                await cache._start(timeout)
                 cache.on_change(self._registry_changed)
                 self._naming = cache
+        finally:
+            self._naming_lock.release()
         return self._naming
 
     def _registry_changed(self, relation: str, old: Any, new: Any) -> None:
@@ -128,16 +137,18 @@ class Client:
         if stale is not None:
             stale.close()
 
-    async def find(self, schema: str, cell: str, *, wait_s: float = 0.0) -> ServiceInfo:
-        """Where (schema, cell) runs. Waits up to ``wait_s`` for it to register.
+    async def find(
+        self, cell: str, schema: str, *, wait_s: float = 0.0, timeout_s: float | None = None
+    ) -> ServiceInfo:
+        """Where ``schema`` runs at ``cell``. Waits up to ``wait_s`` for it to register.
 
         Raises NotFound if naming has never heard of it, Unavailable if it is planned but
-        not running now.
+        not running now, CallTimeout if naming cannot be joined within ``timeout_s``.
         """
         if (schema, cell) == (NAMING_SCHEMA, NAMING_CELL):
             b = self._naming_binding
             return ServiceInfo(schema, cell, "", b.rpc, b.events, b.instance_id, "open", 0, 0.0)
-        naming = await self.naming()
+        naming = await self.naming(timeout_s=timeout_s)
         key = (schema, cell)
         if key not in naming.table("instances") and wait_s > 0:
             try:
@@ -178,7 +189,7 @@ class Client:
         """:meth:`call` with the arguments as a mapping (names that clash with ours)."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
-        info = await self.find(schema, cell)
+        info = await self.find(cell, schema, timeout_s=timeout)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise CallTimeout(f"no time left to call {operation} on {schema} at {cell}")
@@ -194,9 +205,10 @@ class Client:
 
     async def cache(self, cell: str, schema: str, *, timeout_s: float | None = None) -> Cache:
         """Join (schema, cell) and keep a live local copy of its relations."""
-        info = await self.find(schema, cell)
+        deadline = self._deadline(timeout_s)
+        info = await self.find(cell, schema, timeout_s=self._remaining(deadline))
         cache = Cache(info.binding(), self._connection)
-        await self._track(cache, timeout_s)
+        await self._track(cache, self._remaining(deadline))
         return cache
 
     async def follow(
@@ -209,24 +221,40 @@ class Client:
         timeout_s: float | None = None,
     ) -> Follower:
         """Receive delta batches of (schema, cell) without caching them."""
-        info = await self.find(schema, cell)
+        deadline = self._deadline(timeout_s)
+        info = await self.find(cell, schema, timeout_s=self._remaining(deadline))
         follower = Follower(info.binding(), self._connection, on_batch, on_dump)
-        await self._track(follower, timeout_s)
+        await self._track(follower, self._remaining(deadline))
         return follower
 
-    async def _track(self, joined: _Joined, timeout_s: float | None) -> None:
+    def _deadline(self, timeout_s: float | None) -> float:
+        return time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+
+    @staticmethod
+    def _remaining(deadline: float) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CallTimeout("no time left before the deadline")
+        return remaining
+
+    async def _track(self, joined: _Joined, timeout_s: float) -> None:
         self._joined.append(joined)
+        joined._on_close = lambda: self._forget(joined)
         try:
-            await joined._start(self.timeout_s if timeout_s is None else timeout_s)
+            await joined._start(timeout_s)
         except BaseException:
-            self._joined.remove(joined)
+            self._forget(joined)
             raise
+
+    def _forget(self, joined: _Joined) -> None:
+        if joined in self._joined:
+            self._joined.remove(joined)
 
     async def close(self) -> None:
         """Close every cache, follower and connection this client made."""
         if self.closed:
             return
-        for joined in self._joined:
+        for joined in list(self._joined):
             await joined.close()
         self._joined.clear()
         if self._naming is not None:

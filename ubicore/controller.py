@@ -193,5 +193,6 @@ async def run_site(
             waiter.cancel()
         await stop.wait()
     finally:
+        core.hold()
         await hosts.stop()
         await core.stop()

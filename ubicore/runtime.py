@@ -74,7 +74,7 @@ async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT
         core, address=site.core.address, rpc_port=site.core.rpc_port, event_port=site.core.event_port,
         heartbeat_s=heartbeat_s,
     )
-    await server.start()
+    await _start_or_close(server)
     try:
         with server_transaction(server) as tx:
             tx.instances.upsert(
@@ -85,6 +85,14 @@ async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT
         yield server
     finally:
         await server.stop()
+
+
+async def _start_or_close(server: InstanceServer) -> None:
+    try:
+        await server.start()
+    except BaseException:
+        server.core.store.close()  # the database was opened before the sockets failed
+        raise
 
 
 @contextlib.contextmanager
@@ -129,7 +137,7 @@ async def serve_instance(
     schema = resolve_schema(site, plan.schema)
     core = make_core(site, plan, schema)
     server = InstanceServer(core, address=site.hosts[plan.host].address, heartbeat_s=heartbeat_s)
-    await server.start()
+    await _start_or_close(server)
     client = Client.for_site(site)
     keeper = asyncio.create_task(_keep_registered(client, plan, server))
     try:

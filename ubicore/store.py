@@ -10,6 +10,11 @@ writes) and a change log. ``commit`` writes the persistent changes in one SQLite
 transaction, and only once that has committed applies the overlay to memory and hands
 back the change log, which the instance publishes as one delta batch. An operation that
 raises, or a database that fails, leaves memory and disk as they were.
+
+Transactions are serialisable because they do not interleave: operations run to the end
+without yielding. A transaction that stays open across an ``await`` (in a schema's
+``run``) and sees another commit land meanwhile is refused at commit with
+:class:`ConstraintViolation` rather than committing over reads that went stale.
 """
 
 from __future__ import annotations
@@ -180,6 +185,7 @@ class Transaction:
 
     def __init__(self, store: Store, writable: bool) -> None:
         self._store = store
+        self._generation = store.generation
         self.log: list[Change] = []
         self._views: dict[str, RelationTx] = {}
         self._writable = writable
@@ -204,6 +210,14 @@ class Transaction:
         self.done = True
         if not self.log:
             return ()
+        if self._store.generation != self._generation:
+            # Another transaction committed while this one was open: its reads may be
+            # stale (an ``await`` inside a ``with ctx.transaction()`` block lets that happen).
+            self.log.clear()
+            raise ConstraintViolation(
+                f"{self._store.schema_name}: another transaction committed while this one was open; "
+                "do not await inside a transaction"
+            )
         self._store._apply(self._views, self.log)
         return tuple(self.log)
 
@@ -220,6 +234,8 @@ class Store:
         self.schema_name = schema.schema_name
         self.relations: Mapping[str, Relation] = schema.relations
         self.tables: dict[str, dict[Key, Row]] = {n: {} for n in schema.relations}
+        self.generation = 0
+        """Commits so far; a transaction refuses to commit over one made after it began."""
         self.path = path
         self._persistent = {n for n, r in schema.relations.items() if r.persistent}
         self._db: sqlite3.Connection | None = None
@@ -309,6 +325,7 @@ class Store:
                 except sqlite3.Error:
                     pass
                 raise StoreError(f"{self.path}: commit failed: {exc}") from None
+        self.generation += 1
         for name, view in views.items():
             table = self.tables[name]
             for key, row in view._overlay.items():

@@ -76,8 +76,11 @@ class Supervisor:
                 log.exception("state callback failed for %s", child.name)
 
     async def _spawn(self, child: Child) -> None:
+        # A session of its own: a terminal's Ctrl-C reaches only the top process, which
+        # then stops its children in order (children watch their parent's pid in case it
+        # dies without doing so).
         child.proc = await asyncio.create_subprocess_exec(
-            *child.argv, env=child.env, stdin=asyncio.subprocess.DEVNULL
+            *child.argv, env=child.env, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
         )
         child.started_at = time.monotonic()
         await self._set(child, "starting")
@@ -112,6 +115,10 @@ class Supervisor:
         child = self.children.get(name)
         if child is not None and child.state == "starting":
             await self._set(child, "running")
+
+    def hold(self) -> None:
+        """Restart nothing from now on (a stop is coming; children may already be exiting)."""
+        self._stopping = True
 
     async def stop(self) -> None:
         """SIGTERM every child, wait up to the grace period, SIGKILL the rest."""

@@ -18,17 +18,17 @@ async def test_find_returns_each_running_instance(tmp_path: Path) -> None:
     async with running_site(tmp_path) as rs:
         assert len(rs.servers) == 4
         for (schema, cell), server in rs.servers.items():
-            info = await rs.client.find(schema, cell)
+            info = await rs.client.find(cell, schema)
             assert (info.schema, info.cell) == (schema, cell)
             assert info.rpc == server.rpc_endpoint
             assert info.events == server.event_endpoint
             assert info.instance_id == server.core.instance_id
             assert info.host == rs.plan(schema, cell).host
-        zone_b = await rs.client.find(POSITIONS, "Zone-B")
+        zone_b = await rs.client.find("Zone-B", POSITIONS)
         assert zone_b.host == "host-b"
         assert zone_b.rpc.startswith("tcp://127.0.0.2:")
-        assert (await rs.client.find(CONFIG_UPDATE, "Site")).protection == "update"
-        naming = await rs.client.find(NAMING_SCHEMA, NAMING_CELL)
+        assert (await rs.client.find("Site", CONFIG_UPDATE)).protection == "update"
+        naming = await rs.client.find(NAMING_CELL, NAMING_SCHEMA)
         assert naming.rpc == rs.site.core.rpc_endpoint
 
 
@@ -118,9 +118,9 @@ async def test_find_of_unregistered_services(tmp_path: Path) -> None:
     async with running_site(tmp_path, instances=[(CONFIG_UPDATE, "Site")]) as rs:
         client = rs.client
         with pytest.raises(NotFound):
-            await client.find("UTest::Nothing", "Site")
+            await client.find("Site", "UTest::Nothing")
         with pytest.raises(NotFound):  # planned, not started, never reported
-            await client.find(POSITIONS, "Zone-B", wait_s=0.2)
+            await client.find("Zone-B", POSITIONS, wait_s=0.2)
         # A controller reports the instance stopped: now it is known but unavailable.
         await client.call(
             NAMING_CELL, NAMING_SCHEMA, "report", schema=POSITIONS, cell="Zone-B", host="host-b", actual="stopped"
@@ -128,13 +128,13 @@ async def test_find_of_unregistered_services(tmp_path: Path) -> None:
         naming = await client.naming()
         await naming.wait_for(lambda c: (POSITIONS, "Zone-B") in c.table("services"))
         with pytest.raises(Unavailable, match="stopped"):
-            await client.find(POSITIONS, "Zone-B")
+            await client.find("Zone-B", POSITIONS)
         with pytest.raises(Unavailable):
             await client.call("Zone-B", POSITIONS, "where", tag="T-001")
         # find(wait_s=...) waits for an instance that registers meanwhile.
         starting = asyncio.create_task(rs.start_instance(POSITIONS, "Zone-B"))
         try:
-            info = await client.find(POSITIONS, "Zone-B", wait_s=5.0)
+            info = await client.find("Zone-B", POSITIONS, wait_s=5.0)
         finally:
             await starting
         assert info.instance_id == rs.server(POSITIONS, "Zone-B").core.instance_id
@@ -142,7 +142,7 @@ async def test_find_of_unregistered_services(tmp_path: Path) -> None:
         await rs.stop_instance(CONFIG_UPDATE, "Site")
         await naming.wait_for(lambda c: (CONFIG_UPDATE, "Site") not in c.table("instances"))
         with pytest.raises(NotFound):
-            await client.find(CONFIG_UPDATE, "Site")
+            await client.find("Site", CONFIG_UPDATE)
 
 
 @run_async
@@ -163,3 +163,14 @@ async def test_services_lists_registrations_and_states(tmp_path: Path) -> None:
         assert [(r["schema"], r["cell"], r["actual"]) for r in listing["services"]] == [
             (COUNTER, "Site", "running")
         ]
+
+
+@run_async
+async def test_the_simulator_keeps_ticking_around_a_hand_placed_tag(tmp_path: Path) -> None:
+    async with running_site(tmp_path, instances=[(POSITIONS, "Zone-A")]) as rs:
+        await rs.client.call("Zone-A", POSITIONS, "set_rate", rate_hz=50.0)
+        await rs.client.call("Zone-A", POSITIONS, "place", tag="forklift", x=1.0, y=2.0)
+        cache = await rs.client.cache("Zone-A", POSITIONS)
+        ticks = cache.table("simulator")[("sim",)].ticks
+        await cache.wait_for(lambda c: c.table("simulator")[("sim",)].ticks >= ticks + 5, 5.0)
+        assert cache.table("positions")[("forklift",)].x == 1.0

@@ -49,7 +49,7 @@ async def test_client_whose_core_has_nobody_times_out(tmp_path: Path) -> None:
     try:
         async with asyncio.timeout(HANG_GUARD_S):
             with pytest.raises(CallTimeout):  # find joins the naming registry first
-                await client.find(COUNTER, "Site")
+                await client.find("Site", COUNTER)
             with pytest.raises(CallTimeout):
                 await client.call("Site", COUNTER, "get", name="x")
             with pytest.raises(CallTimeout):  # naming itself is reached directly
@@ -68,7 +68,7 @@ async def test_joining_an_instance_that_does_not_answer_times_out(tmp_path: Path
             rpc=f"tcp://127.0.0.1:{rpc_port}", events=f"tcp://127.0.0.1:{event_port}",
             instance_id=bytes(16), protection="open",
         )
-        info = await rs.client.find(COUNTER, "Site", wait_s=2.0)
+        info = await rs.client.find("Site", COUNTER, wait_s=2.0)
         assert info.rpc.endswith(f":{rpc_port}")
         async with asyncio.timeout(HANG_GUARD_S):
             with pytest.raises(CallTimeout):
@@ -81,3 +81,32 @@ async def test_joining_an_instance_that_does_not_answer_times_out(tmp_path: Path
         assert (await rs.client.call(NAMING_CELL, NAMING_SCHEMA, "lookup", schema=COUNTER, cell="Site"))[
             "rpc"
         ] == info.rpc
+
+
+@run_async
+async def test_a_call_deadline_bounds_the_naming_join_too(tmp_path: Path) -> None:
+    # The client's own timeout is long; the call's short deadline must still hold while
+    # the client tries to join a naming registry that is not there.
+    rpc_port, event_port = free_ports(2)
+    client = Client(f"tcp://127.0.0.1:{rpc_port}", f"tcp://127.0.0.1:{event_port}", timeout_s=30.0)
+    try:
+        async with asyncio.timeout(HANG_GUARD_S):
+            for attempt in (
+                lambda: client.call("Site", COUNTER, "get", name="x", timeout_s=0.3),
+                lambda: client.cache("Site", COUNTER, timeout_s=0.3),
+                lambda: client.follow("Site", COUNTER, lambda b: None, timeout_s=0.3),
+            ):
+                with pytest.raises(CallTimeout):
+                    await attempt()
+    finally:
+        await client.close()
+
+
+@run_async
+async def test_a_closed_cache_lets_go_of_the_client(tmp_path: Path) -> None:
+    async with running_site(tmp_path, instances=[(COUNTER, "Site")]) as rs:
+        client = rs.new_client()
+        for _ in range(5):
+            cache = await client.cache("Site", COUNTER)
+            await cache.close()
+        assert client._joined == []

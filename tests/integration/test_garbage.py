@@ -203,7 +203,7 @@ async def test_cache_on_a_channel_with_garbage_applies_the_valid_deltas(tmp_path
                     NAMING_CELL, NAMING_SCHEMA, "register", schema=COUNTER, cell="Site", host="host-a",
                     rpc=server.rpc_endpoint, events=fake_events, instance_id=core.instance_id, protection="open",
                 )
-                await rs.client.find(COUNTER, "Site", wait_s=GUARD_S)
+                await rs.client.find("Site", COUNTER, wait_s=GUARD_S)
                 cache = await rs.client.cache("Site", COUNTER)
                 assert cache.live and cache.seq == 0 and len(cache.table("counters")) == 0
                 iid = core.instance_id

@@ -70,7 +70,7 @@ async def test_running_site_starts_what_is_asked(tmp_path: Path) -> None:
         with pytest.raises(KeyError):
             await rs.stop_instance(COUNTER, "Site")
         server = await rs.start_instance(COUNTER, "Site")
-        assert (await rs.client.find(COUNTER, "Site")).instance_id == server.core.instance_id
+        assert (await rs.client.find("Site", COUNTER)).instance_id == server.core.instance_id
 
 
 @run_async

@@ -52,7 +52,7 @@ async def test_cache_and_calls_follow_a_restarted_instance(tmp_path: Path) -> No
         assert cache.seq == new.core.sequencer.seq == 2
         await cache.wait_for(lambda c: len(batches) == 1)
         assert batches == [Batch(2, (Change("counters", Op.INSERT, ("a", 1, "")),))]
-        assert (await client.find(COUNTER, "Site")).instance_id == new_iid
+        assert (await client.find("Site", COUNTER)).instance_id == new_iid
 
 
 @run_async
@@ -85,7 +85,7 @@ async def test_instances_re_register_after_a_core_restart(tmp_path: Path, monkey
 
         down = rs.new_client(timeout_s=0.3)
         with pytest.raises(CallTimeout):  # nobody serves naming now
-            await down.find(COUNTER, "Site")
+            await down.find("Site", COUNTER)
 
         core = await rs.start_core()
         assert core.core.instance_id != old_core.core.instance_id
@@ -93,7 +93,7 @@ async def test_instances_re_register_after_a_core_restart(tmp_path: Path, monkey
         # A client that starts now finds every instance once it has re-registered.
         fresh = rs.new_client()
         for (schema, cell), server in rs.servers.items():
-            info = await fresh.find(schema, cell, wait_s=5.0)
+            info = await fresh.find(cell, schema, wait_s=5.0)
             assert info.instance_id == server.core.instance_id
             assert info.rpc == server.rpc_endpoint
         # The client that was connected before follows the new registry too...
@@ -111,7 +111,7 @@ async def test_instances_re_register_after_a_core_restart(tmp_path: Path, monkey
 async def test_a_deregistered_instance_leaves_no_connection_behind(tmp_path: Path) -> None:
     async with running_site(tmp_path, instances=[(COUNTER, "Site")]) as rs:
         client = rs.new_client()
-        old = await client.find(COUNTER, "Site")
+        old = await client.find("Site", COUNTER)
         await client.call("Site", COUNTER, "bump", name="a")
         assert old.rpc in client._conns
         await rs.stop_instance(COUNTER, "Site")

@@ -24,9 +24,9 @@ pytestmark = pytest.mark.timeout(90)
 def test_hosts_are_separate_processes_on_their_own_addresses(live_site: LiveSite) -> None:
     async def body() -> None:
         async with live_site.client() as client:
-            a = await client.find(POSITIONS, "Zone-A")
-            b = await client.find(POSITIONS, "Zone-B")
-            cfg = await client.find(CONFIG, "Site")
+            a = await client.find("Zone-A", POSITIONS)
+            b = await client.find("Zone-B", POSITIONS)
+            cfg = await client.find("Site", CONFIG)
             assert a.rpc.startswith("tcp://127.0.0.1:") and a.events.startswith("tcp://127.0.0.1:")
             assert b.rpc.startswith("tcp://127.0.0.2:") and b.events.startswith("tcp://127.0.0.2:")
             assert len({a.pid, b.pid, cfg.pid, live_site.proc.pid}) == 4
@@ -48,7 +48,7 @@ def test_hosts_are_separate_processes_on_their_own_addresses(live_site: LiveSite
 def test_controller_restarts_a_killed_instance_and_clients_rebind(live_site: LiveSite) -> None:
     async def body() -> None:
         async with live_site.client() as client:
-            before = await client.find(POSITIONS, "Zone-A")
+            before = await client.find("Zone-A", POSITIONS)
             cache = await client.cache("Zone-A", POSITIONS)
             await client.call("Zone-A", POSITIONS, "place", tag="MARK", x=1.0, y=2.0)
             await cache.wait_for(lambda c: ("MARK",) in c.table("positions"))
@@ -57,7 +57,7 @@ def test_controller_restarts_a_killed_instance_and_clients_rebind(live_site: Liv
             await naming.wait_for(
                 lambda n: (row := n.table("instances").get((POSITIONS, "Zone-A"))) is not None
                 and row.pid != before.pid, 20.0)  # type: ignore[attr-defined]
-            after = await client.find(POSITIONS, "Zone-A")
+            after = await client.find("Zone-A", POSITIONS)
             assert after.instance_id != before.instance_id
             # The cache rebinds by itself: the volatile MARK row is gone, ticks flow again.
             await cache.wait_for(lambda c: c.instance_id == after.instance_id and ("MARK",) not in c.table("positions")
@@ -73,7 +73,7 @@ def test_controller_restarts_a_killed_instance_and_clients_rebind(live_site: Liv
 def test_acknowledged_updates_survive_kill_9(live_site: LiveSite) -> None:
     async def body() -> None:
         async with live_site.client() as client:
-            info = await client.find(CONFIG, "Site")
+            info = await client.find("Site", CONFIG)
             acked: list[str] = []
             killed = False
             for i in range(400):
@@ -133,7 +133,7 @@ def test_blocking_facade_against_the_live_site(live_site: LiveSite) -> None:
     from ubicore.errors import NotFound
 
     with BlockingClient.for_site(live_site.site) as client:
-        assert client.find(CONFIG, "Site").host == "host-a"
+        assert client.find("Site", CONFIG).host == "host-a"
         client.call("Site", CONFIG, "set_sink", sensor="S-003", sink="udp://sink-1")
         cache = client.cache("Site", CONFIG)
         assert cache.get("sensors", "S-003").sink == "udp://sink-1"
@@ -145,3 +145,27 @@ def test_blocking_facade_against_the_live_site(live_site: LiveSite) -> None:
         assert any(r.sensor == "S-003" for r in cache.rows("sensors"))
         with pytest.raises(NotFound):
             client.call("Site", CONFIG, "get_sensor", sensor="S-999")
+
+
+def test_ctrl_c_stops_the_site_in_order_without_restarts(tmp_path: Path) -> None:
+    # A terminal's Ctrl-C sends SIGINT to the whole foreground process group.
+    path = write_site(tmp_path)
+    site = load_site(path)
+    proc = start_site(path)
+    pids: list[int] = []
+    try:
+        assert asyncio.run(wait_until_up(site, 30.0)) == []
+
+        async def collect() -> None:
+            async with Client.for_site(site) as client:
+                pids.extend(r["pid"] for r in (await client.services())["instances"])
+
+        asyncio.run(collect())
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert proc.stderr is not None
+        log = proc.stderr.read().decode()
+        assert "restarting" not in log, log
+    finally:
+        stop_site(proc)
+    assert [p for p in pids if alive(p)] == []
