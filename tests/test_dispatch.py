@@ -18,6 +18,8 @@ from ubicore.protocol.messages import Change, ErrorReply, Op, Reply, Request
 from ubicore.schema import Column, Protection, Relation, Schema, read, update
 from ubicore.store import Store, Transaction, udata_path
 
+from .faults import FailingCommit
+
 SHOP = "TDispatch::Shop"
 CELL = "Z1"
 
@@ -395,18 +397,6 @@ def test_a_result_that_cannot_travel_commits_nothing(core: InstanceCore, kind: s
     assert core.stats.commits == 0
 
 
-class _FailingCommit:
-    """Stands in for the store's sqlite3 connection and fails every COMMIT."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def execute(self, sql: str, *args: Any) -> Any:
-        if sql.strip().upper() == "COMMIT":
-            raise sqlite3.OperationalError("disk I/O error")
-        return self.db.execute(sql, *args)
-
-
 def test_a_store_that_cannot_commit_answers_remote_failure(tmp_path: Path) -> None:
     path = udata_path(tmp_path, CELL, Ledger.schema_name)
     store = Store(Ledger, path)
@@ -416,7 +406,7 @@ def test_a_store_that_cannot_commit_answers_remote_failure(tmp_path: Path) -> No
         assert call(core, "book", {"id": 1, "amount": 2}, schema=ledger) == Reply(7, None)
         real = store._db
         assert real is not None
-        store._db = _FailingCommit(real)  # type: ignore[assignment]
+        store._db = FailingCommit(real)  # type: ignore[assignment]
         try:
             msg = call(core, "book", {"id": 2, "amount": 3.5}, schema=ledger)
         finally:

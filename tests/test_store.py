@@ -14,6 +14,8 @@ from ubicore.protocol.messages import Change, Op
 from ubicore.schema import Column, Relation, Schema
 from ubicore.store import Store, Transaction, udata_path
 
+from .faults import FailingCommit
+
 
 class Stock(Schema, name="TStore::Stock"):
     """A persistent and a volatile relation, covering every column type."""
@@ -404,27 +406,12 @@ def test_a_refused_file_is_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         opened[0].execute("SELECT 1")  # closed
 
 
-class _FailingCommit:
-    """Stands in for the store's sqlite3 connection and fails every COMMIT."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def execute(self, sql: str, *args: Any) -> Any:
-        if sql.strip().upper() == "COMMIT":
-            raise sqlite3.OperationalError("disk I/O error")
-        return self.db.execute(sql, *args)
-
-    def close(self) -> None:
-        self.db.close()
-
-
 def test_a_failed_commit_raises_store_error_and_leaves_memory_unchanged(store: Store) -> None:
     _committed(store, lambda tx: tx.items.insert(sku="a", count=1))
     before = {n: dict(t) for n, t in store.tables.items()}
     real = store._db
     assert real is not None
-    store._db = _FailingCommit(real)  # type: ignore[assignment]
+    store._db = FailingCommit(real)  # type: ignore[assignment]
     tx = store.transaction()
     tx.items.update(sku="a", count=2)
     tx.items.insert(sku="b")
@@ -448,7 +435,7 @@ def test_a_failed_commit_raises_store_error_and_leaves_memory_unchanged(store: S
 def test_commit_of_volatile_changes_only_does_not_touch_the_database(store: Store) -> None:
     real = store._db
     assert real is not None
-    store._db = _FailingCommit(real)  # type: ignore[assignment]
+    store._db = FailingCommit(real)  # type: ignore[assignment]
     try:
         log = _committed(store, lambda tx: tx.bins.insert(row=1, col=1, sku="a"))
     finally:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from ubicore.client import Client
-from ubicore.config import load_site
+from ubicore.config import SiteConfig, load_site
 from ubicore.controller import wait_until_up
 from ubicore.errors import RemoteError
 
@@ -102,19 +103,23 @@ def test_acknowledged_updates_survive_kill_9(live_site: LiveSite) -> None:
     asyncio.run(body())
 
 
-def test_site_up_stops_cleanly_leaving_no_process(tmp_path: Path) -> None:
+def start_fresh_site(tmp_path: Path) -> tuple[SiteConfig, subprocess.Popen[bytes]]:
     path = write_site(tmp_path)
-    site = load_site(path)
-    proc = start_site(path)
+    return load_site(path), start_site(path)
+
+
+async def running_pids(site: SiteConfig) -> list[int]:
+    """Once the site is up, the pids of every registered instance."""
+    assert await wait_until_up(site, 30.0) == []
+    async with Client.for_site(site) as client:
+        return [r["pid"] for r in (await client.services())["instances"]]
+
+
+def test_site_up_stops_cleanly_leaving_no_process(tmp_path: Path) -> None:
+    site, proc = start_fresh_site(tmp_path)
     pids: list[int] = []
     try:
-        assert asyncio.run(wait_until_up(site, 30.0)) == []
-
-        async def collect() -> None:
-            async with Client.for_site(site) as client:
-                pids.extend(r["pid"] for r in (await client.services())["instances"])
-
-        asyncio.run(collect())
+        pids = asyncio.run(running_pids(site))
     finally:
         code = stop_site(proc)
     assert code == 0
@@ -149,18 +154,10 @@ def test_blocking_facade_against_the_live_site(live_site: LiveSite) -> None:
 
 def test_ctrl_c_stops_the_site_in_order_without_restarts(tmp_path: Path) -> None:
     # A terminal's Ctrl-C sends SIGINT to the whole foreground process group.
-    path = write_site(tmp_path)
-    site = load_site(path)
-    proc = start_site(path)
+    site, proc = start_fresh_site(tmp_path)
     pids: list[int] = []
     try:
-        assert asyncio.run(wait_until_up(site, 30.0)) == []
-
-        async def collect() -> None:
-            async with Client.for_site(site) as client:
-                pids.extend(r["pid"] for r in (await client.services())["instances"])
-
-        asyncio.run(collect())
+        pids = asyncio.run(running_pids(site))
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(20) == 0
         assert proc.stderr is not None
