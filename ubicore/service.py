@@ -27,6 +27,7 @@ from .transport.sockets import Pump, bind, make_socket
 
 log = logging.getLogger(__name__)
 
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int is cheaper than pyzmq's enum on the publish path
 MAX_COALESCED_BATCHES = 256
 DEFAULT_HEARTBEAT_S = 1.0
 BIND_RETRY_S = 2.0
@@ -178,14 +179,14 @@ class InstanceServer:
         if taken is None:
             return
         frames = encode_delta_batches(self.core.instance_id, taken[0], taken[1])
-        self._pub.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        self._pub.send_multipart(frames, _NOBLOCK, copy=False)
         self.core.stats.deltas_sent += 1
 
     def heartbeat(self) -> None:
         self.flush()
         if self._pub is not None:
             hb = Heartbeat(self.core.instance_id, self.core.sequencer.seq)
-            self._pub.send_multipart(encode_heartbeat(hb), zmq.NOBLOCK)
+            self._pub.send_multipart(encode_heartbeat(hb), _NOBLOCK)
 
     async def _heartbeats(self) -> None:
         while True:

@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 MAX_DRAIN_PER_WAKEUP = 512
 LINGER_MS = 0
+# Plain ints: pyzmq's enum constants cost about a microsecond per call on these hot
+# paths, and an EAGAIN raised as zmq.Again several more.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 def context() -> zmq.Context[zmq.Socket[bytes]]:
@@ -81,6 +86,8 @@ class Pump:
         self._on_frames = on_frames
         self._loop = loop or asyncio.get_running_loop()
         self._fd: int = int(sock.getsockopt(zmq.FD))
+        # getsockopt(EVENTS) is an int; pyzmq's stubs only know it as int | bytes.
+        self._events: Callable[[int], int] = sock.getsockopt  # type: ignore[assignment]
         self._scheduled = False
         self._closed = False
         self._loop.add_reader(self._fd, self._drain)
@@ -97,10 +104,12 @@ class Pump:
         if self._closed:
             return
         sock, on_frames = self.sock, self._on_frames
-        recv = sock.recv_multipart
+        recv, events = sock.recv_multipart, self._events
         for _ in range(MAX_DRAIN_PER_WAKEUP):
             try:
-                frames = recv(zmq.NOBLOCK)
+                if not events(_EVENTS) & _POLLIN:  # also re-arms the edge-triggered FD
+                    return
+                frames = recv(_NOBLOCK)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
@@ -115,7 +124,7 @@ class Pump:
     def send(self, frames: Sequence[bytes]) -> None:
         """Send without blocking; a full queue is :class:`Unavailable`."""
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            self.sock.send_multipart(frames, _NOBLOCK, copy=False)
         except zmq.Again:
             raise Unavailable("send queue full") from None
         except zmq.ZMQError as exc:
@@ -124,7 +133,7 @@ class Pump:
             # Reading EVENTS re-arms the edge-triggered FD: a message arriving later
             # wakes the reader. One already waiting would not, so drain it next turn.
             # (Cheaper than a loop turn after every send.)
-            if not self._closed and int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            if not self._closed and self._events(_EVENTS) & _POLLIN:
                 self.kick()
 
     def close(self) -> None:
