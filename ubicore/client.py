@@ -148,6 +148,10 @@ class Client:
         if (schema, cell) == (NAMING_SCHEMA, NAMING_CELL):
             b = self._naming_binding
             return ServiceInfo(schema, cell, "", b.rpc, b.events, b.instance_id, "open", 0, 0.0)
+        return ServiceInfo(*(await self._registration(cell, schema, wait_s, timeout_s))[:9])
+
+    async def _registration(self, cell: str, schema: str, wait_s: float, timeout_s: float | None) -> Any:
+        """Naming's row for (schema, cell), or the typed error saying why there is none."""
         naming = await self.naming(timeout_s=timeout_s)
         key = (schema, cell)
         if key not in naming.table("instances") and wait_s > 0:
@@ -161,7 +165,7 @@ class Client:
                 state = naming.table("services")[key]
                 raise Unavailable(f"{schema} at {cell} is not running ({state.actual})")  # type: ignore[attr-defined]
             raise NotFound(f"no instance of {schema} at {cell}")
-        return ServiceInfo(*row[:9])
+        return row
 
     async def services(self) -> dict[str, list[dict[str, Any]]]:
         """Every registration and every administration state, as naming knows them."""
@@ -189,11 +193,14 @@ class Client:
         """:meth:`call` with the arguments as a mapping (names that clash with ours)."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
-        info = await self.find(cell, schema, timeout_s=timeout)
+        if (schema, cell) == (NAMING_SCHEMA, NAMING_CELL):
+            rpc = self._naming_binding.rpc
+        else:  # the endpoint is all a call needs: no ServiceInfo built per call
+            rpc = (await self._registration(cell, schema, 0.0, timeout)).rpc
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise CallTimeout(f"no time left to call {operation} on {schema} at {cell}")
-        return await self._connection(info.rpc).call(schema, cell, operation, args, remaining)
+        return await self._connection(rpc).call(schema, cell, operation, args, remaining)
 
     async def describe(self, cell: str, schema: str, *, timeout_s: float | None = None) -> dict[str, Any]:
         """The running instance's ``get_group``: instance id, sequence, protection, epoch,
