@@ -166,14 +166,14 @@ class _Joined:
 
     async def _dump_loop(self) -> None:
         delay = RETRY_MIN_S
-        sub = self._sub
-        if sub is not None and not sub.welcomed.is_set():
-            # Dump only once the publisher confirmed our subscription, so that no commit
-            # falls between the dump and the channel (a publisher without welcome
-            # messages costs WELCOME_WAIT_S, and gap detection still heals the join).
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(sub.welcomed.wait(), WELCOME_WAIT_S)
         while not self.closed:
+            sub = self._sub  # a rebind may have replaced it since the last attempt
+            if sub is not None and not sub.welcomed.is_set():
+                # Dump only once the publisher confirmed our subscription, so that no
+                # commit falls between the dump and the channel (a publisher without
+                # welcome messages costs WELCOME_WAIT_S; gap detection still heals it).
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(sub.welcomed.wait(), WELCOME_WAIT_S)
             self._again = False
             try:
                 conn = self._connect(self.binding.rpc)

@@ -461,3 +461,14 @@ def test_welcome_is_a_lone_header_frame() -> None:
     for frames in ([HEADER_WELCOME, b""], [HEADER_WELCOME, pack([])], [HEADER_WELCOME + b"x"]):
         with pytest.raises(ProtocolError):
             parse_channel_message(frames)
+
+
+def test_msgpack_ext_types_are_not_part_of_the_protocol() -> None:
+    import msgpack
+
+    body = msgpack.packb([1, "S::S", "c", "op", {"x": msgpack.ExtType(5, b"\x00")}, 0], use_bin_type=True)
+    with pytest.raises(ProtocolError, match="malformed msgpack"):
+        parse_request([HEADER_REQUEST, body])
+    delta = msgpack.packb([IID, 1, [[["r", 1, [msgpack.ExtType(1, b"")]]]]], use_bin_type=True)
+    with pytest.raises(ProtocolError, match="malformed msgpack"):
+        parse_channel_message([HEADER_DELTA, delta])

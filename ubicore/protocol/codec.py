@@ -62,12 +62,16 @@ def pack(value: Any) -> bytes:
         raise ValueError(f"value cannot travel on the wire: {exc}") from None
 
 
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack ext type {code} is not part of the protocol")
+
+
 def unpack(body: bytes) -> Any:
     """Unpack a body; malformed msgpack becomes :class:`ProtocolError`."""
     if len(body) > MAX_FRAME_BYTES:
         raise ProtocolError(f"body of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext)
     except Exception as exc:  # msgpack raises a zoo of types on garbage
         raise ProtocolError(f"malformed msgpack body: {type(exc).__name__}") from None
 
@@ -194,7 +198,7 @@ def _unpack_tuples(body: bytes) -> Any:
     if len(body) > MAX_FRAME_BYTES:
         raise ProtocolError(f"body of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=False)
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=False, ext_hook=_no_ext)
     except Exception as exc:
         raise ProtocolError(f"malformed msgpack body: {type(exc).__name__}") from None
 
