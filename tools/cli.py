@@ -81,43 +81,43 @@ def cli(ctx: click.Context, site_path: str, log_level: str) -> None:
 
 
 @cli.command()
-@click.option("--exit-with-parent", is_flag=True, help="Stop when the parent process dies.")
+@click.option("--parent-pid", type=int, default=None, hidden=True, help="Stop when this process is gone.")
 @click.pass_context
-def core(ctx: click.Context, exit_with_parent: bool) -> None:
+def core(ctx: click.Context, parent_pid: int | None) -> None:
     """Run the core services of the site (naming)."""
     from ubicore.controller import run_core
 
     site = _site(ctx)
-    _run(lambda: _until_signalled(lambda stop: run_core(site, stop, exit_with_parent=exit_with_parent)))
+    _run(lambda: _until_signalled(lambda stop: run_core(site, stop, parent_pid=parent_pid)))
 
 
 @cli.command()
 @click.option("--host", required=True, help="The host of the site file this controller runs.")
-@click.option("--exit-with-parent", is_flag=True, help="Stop when the parent process dies.")
+@click.option("--parent-pid", type=int, default=None, hidden=True, help="Stop when this process is gone.")
 @click.pass_context
-def controller(ctx: click.Context, host: str, exit_with_parent: bool) -> None:
+def controller(ctx: click.Context, host: str, parent_pid: int | None) -> None:
     """Run, restart and report the instances of one host."""
     from ubicore.controller import run_controller
 
     site = _site(ctx)
     if host not in site.hosts:
         _fail(f"{site.source}: no host {host!r}; hosts are {', '.join(site.hosts)}")
-    _run(lambda: _until_signalled(lambda stop: run_controller(site, host, stop, exit_with_parent=exit_with_parent)))
+    _run(lambda: _until_signalled(lambda stop: run_controller(site, host, stop, parent_pid=parent_pid)))
 
 
 @cli.command(hidden=True)
 @click.argument("schema")
 @click.argument("cell")
-@click.option("--exit-with-parent", is_flag=True)
+@click.option("--parent-pid", type=int, default=None, hidden=True, help="Stop when this process is gone.")
 @click.pass_context
-def instance(ctx: click.Context, schema: str, cell: str, exit_with_parent: bool) -> None:
+def instance(ctx: click.Context, schema: str, cell: str, parent_pid: int | None) -> None:
     """Run one instance (controllers start these)."""
     from ubicore.controller import run_instance
 
     site = _site(ctx)
     if site.instance(schema, cell) is None:
         _fail(f"{site.source}: no deployment runs {schema} at {cell}")
-    _run(lambda: _until_signalled(lambda stop: run_instance(site, schema, cell, stop, exit_with_parent=exit_with_parent)))
+    _run(lambda: _until_signalled(lambda stop: run_instance(site, schema, cell, stop, parent_pid=parent_pid)))
 
 
 @cli.group()

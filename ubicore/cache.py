@@ -131,6 +131,9 @@ class _Joined:
         except asyncio.TimeoutError:
             await self.close()
             raise CallTimeout(f"could not join {self.schema} at {self.cell} within {timeout_s:g} s") from None
+        except BaseException:  # cancelled: leave nothing half-joined behind
+            await asyncio.shield(self.close())
+            raise
 
     def rebind(self, binding: Binding) -> None:
         """Move to new endpoints (the instance restarted or moved) and re-dump."""

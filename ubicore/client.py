@@ -94,6 +94,7 @@ class Client:
         if self._naming is not None:
             return self._naming
         timeout = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
         if self._naming_lock is None:
             self._naming_lock = asyncio.Lock()
         try:
@@ -104,7 +105,7 @@ class Client:
         try:
             if self._naming is None:
                 cache = Cache(self._naming_binding, self._connection)
-                await cache._start(timeout)
+                await cache._start(self._remaining(deadline))
                 cache.on_change(self._registry_changed)
                 self._naming = cache
         finally:

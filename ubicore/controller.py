@@ -33,19 +33,26 @@ CHECK_PERIOD_S = 0.5
 SHUTDOWN_REPORT_TIMEOUT_S = 0.3
 
 
+def _child_of_me() -> tuple[str, str]:
+    """Command-line words that make a child stop when this process is gone."""
+    return ("--parent-pid", str(os.getpid()))
+
+
 def ubi_argv(site: SiteConfig, *args: str) -> list[str]:
     """The command line of a ``ubi`` sub-command in a child process."""
     return [sys.executable, "-m", "ubicore.tools.cli", "--site", str(site.source), *args]
 
 
-async def _guarded(stop: asyncio.Event, exit_with_parent: bool) -> asyncio.Task[None] | None:
-    if not exit_with_parent:
+async def _guarded(stop: asyncio.Event, parent_pid: int | None) -> asyncio.Task[None] | None:
+    """Watch the supervising parent, named by pid on the command line: a child that read
+    its parent pid only after starting could miss a parent that died meanwhile."""
+    if parent_pid is None:
         return None
-    return asyncio.create_task(watch_parent(os.getppid(), stop))
+    return asyncio.create_task(watch_parent(parent_pid, stop))
 
 
-async def run_core(site: SiteConfig, stop: asyncio.Event, *, exit_with_parent: bool = False) -> None:
-    watcher = await _guarded(stop, exit_with_parent)
+async def run_core(site: SiteConfig, stop: asyncio.Event, *, parent_pid: int | None = None) -> None:
+    watcher = await _guarded(stop, parent_pid)
     async with serve_core(site):
         log.info("core of site %s up on %s", site.name, site.core.rpc_endpoint)
         await stop.wait()
@@ -54,13 +61,13 @@ async def run_core(site: SiteConfig, stop: asyncio.Event, *, exit_with_parent: b
 
 
 async def run_instance(
-    site: SiteConfig, schema: str, cell: str, stop: asyncio.Event, *, exit_with_parent: bool = False
+    site: SiteConfig, schema: str, cell: str, stop: asyncio.Event, *, parent_pid: int | None = None
 ) -> None:
     plan = site.instance(schema, cell)
     if plan is None:
         raise ValueError(f"{site.source}: no deployment runs {schema} at {cell}")
     resolve_schema(site, schema)
-    watcher = await _guarded(stop, exit_with_parent)
+    watcher = await _guarded(stop, parent_pid)
     async with serve_instance(site, plan):
         await stop.wait()
     if watcher is not None:
@@ -80,7 +87,7 @@ class HostController:
         self.supervisor = Supervisor(self._report)
         self.stopping = False
         for name, plan in self.plans.items():
-            self.supervisor.add(name, ubi_argv(site, "instance", plan.schema, plan.cell, "--exit-with-parent"))
+            self.supervisor.add(name, ubi_argv(site, "instance", plan.schema, plan.cell, *_child_of_me()))
 
     async def _report(self, child: Child) -> None:
         plan = self.plans[child.name]
@@ -130,11 +137,11 @@ class HostController:
             await self.client.close()
 
 
-async def run_controller(site: SiteConfig, host: str, stop: asyncio.Event, *, exit_with_parent: bool = False) -> None:
+async def run_controller(site: SiteConfig, host: str, stop: asyncio.Event, *, parent_pid: int | None = None) -> None:
     controller = HostController(site, host)
     for plan in controller.plans.values():
         resolve_schema(site, plan.schema)  # a bad deployment fails here, not in a crash loop
-    watcher = await _guarded(stop, exit_with_parent)
+    watcher = await _guarded(stop, parent_pid)
     await controller.run(stop)
     if watcher is not None:
         watcher.cancel()
@@ -177,11 +184,11 @@ async def run_site(
     # Two supervisors, so that controllers stop (and their instances deregister) while
     # the core still answers, and the core stops last.
     core = Supervisor()
-    core.add("core", ubi_argv(site, "core", "--exit-with-parent"))
+    core.add("core", ubi_argv(site, "core", *_child_of_me()))
     hosts = Supervisor()
     for host in site.hosts:
         if site.instances_for_host(host):
-            hosts.add(f"controller {host}", ubi_argv(site, "controller", "--host", host, "--exit-with-parent"))
+            hosts.add(f"controller {host}", ubi_argv(site, "controller", "--host", host, *_child_of_me()))
     core.start()
     hosts.start()
     try:

@@ -5,8 +5,9 @@ supervises the core and the controllers. A child that exits while it should run 
 restarted after a back-off that doubles up to ``MAX_BACKOFF_S`` and resets once the
 child has stayed up for ``STABLE_S``. Stopping sends SIGTERM to every child, waits
 ``grace_s`` and kills whatever is left, so no process outlives its supervisor's stop.
-Children are started with ``--exit-with-parent`` semantics by their own command lines
-(they watch their parent pid), which covers a supervisor killed with SIGKILL.
+Children are told their supervisor's pid on their command line (``--parent-pid``) and
+stop when it is gone, which covers a supervisor killed with SIGKILL, even during the
+child's start-up.
 """
 
 from __future__ import annotations
@@ -146,18 +147,19 @@ class Supervisor:
             await self._set(child, "stopped")
 
 
-async def watch_parent(original_ppid: int, stop: asyncio.Event, period_s: float = 0.5) -> None:
-    """Set ``stop`` when this process's parent is gone (it was re-parented)."""
+async def watch_parent(parent_pid: int, stop: asyncio.Event, period_s: float = 0.5) -> None:
+    """Set ``stop`` when ``parent_pid`` is no longer this process's parent (it died and
+    this process was re-parented), checking at once and then every ``period_s``."""
     while not stop.is_set():
-        if os.getppid() != original_ppid:
-            log.warning("parent process %d is gone; stopping", original_ppid)
+        if os.getppid() != parent_pid:
+            log.warning("parent process %d is gone; stopping", parent_pid)
             stop.set()
             return
         await asyncio.sleep(period_s)
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:
-    """SIGINT and SIGTERM set ``stop`` instead of raising."""
+    """SIGINT, SIGTERM and SIGHUP (the terminal went away) set ``stop`` instead of raising."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)

@@ -110,3 +110,47 @@ async def test_a_closed_cache_lets_go_of_the_client(tmp_path: Path) -> None:
             cache = await client.cache("Site", COUNTER)
             await cache.close()
         assert client._joined == []
+
+
+@run_async
+async def test_a_second_naming_join_gets_only_the_time_that_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ubicore.cache import Cache
+
+    budgets: list[float] = []
+    real_start = Cache._start
+
+    async def recording_start(self: Cache, timeout_s: float) -> None:
+        budgets.append(timeout_s)
+        await real_start(self, timeout_s)
+
+    monkeypatch.setattr(Cache, "_start", recording_start)
+    rpc_port, event_port = free_ports(2)
+    client = Client(f"tcp://127.0.0.1:{rpc_port}", f"tcp://127.0.0.1:{event_port}", timeout_s=30.0)
+    try:
+        async with asyncio.timeout(HANG_GUARD_S):
+            first = asyncio.create_task(client.call("Site", COUNTER, "get", name="x", timeout_s=0.6))
+            await asyncio.sleep(0.2)  # the second arrives while the first holds the join
+            second = asyncio.create_task(client.call("Site", COUNTER, "get", name="x", timeout_s=0.9))
+            for task in (first, second):
+                with pytest.raises(CallTimeout):
+                    await task
+        # The second waited ~0.4 s for the first's join to fail, so it has ~0.5 s left,
+        # not its whole 0.9 s; or no time at all, and then no join is started.
+        assert budgets[0] == pytest.approx(0.6, abs=0.05)
+        assert len(budgets) == 1 or budgets[1] < 0.9 - 0.2
+    finally:
+        await client.close()
+
+
+@run_async
+async def test_a_cancelled_join_leaves_nothing_open(tmp_path: Path) -> None:
+    # run_async fails the test with LeakedSockets if a half-joined cache kept its SUB.
+    rpc_port, event_port = free_ports(2)
+    client = Client(f"tcp://127.0.0.1:{rpc_port}", f"tcp://127.0.0.1:{event_port}", timeout_s=30.0)
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.naming(), 0.3)
+    finally:
+        await client.close()

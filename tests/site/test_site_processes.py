@@ -166,3 +166,27 @@ def test_ctrl_c_stops_the_site_in_order_without_restarts(tmp_path: Path) -> None
     finally:
         stop_site(proc)
     assert [p for p in pids if alive(p)] == []
+
+
+def test_a_child_whose_supervisor_is_already_gone_stops_at_once(tmp_path: Path) -> None:
+    # The supervisor's pid comes on the command line: a child that starts after its
+    # supervisor died (and was re-parented) notices at once instead of running forever.
+    import sys
+
+    path = write_site(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "ubicore.tools.cli", "--site", str(path), "core", "--parent-pid", str(gone.pid)],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert child.wait(30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        assert child.stderr is not None
+        err = child.stderr.read().decode()
+        child.stderr.close()
+    assert f"parent process {gone.pid} is gone" in err
