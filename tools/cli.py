@@ -20,6 +20,7 @@ import yaml
 from ubicore.client import Client
 from ubicore.config import SiteConfig, load_site
 from ubicore.errors import BadArguments, UbiError
+from ubicore.schema import BUILTIN_OPERATIONS
 
 from . import format as fmt
 
@@ -100,8 +101,6 @@ def controller(ctx: click.Context, host: str, parent_pid: int | None) -> None:
     from ubicore.controller import run_controller
 
     site = _site(ctx)
-    if host not in site.hosts:
-        _fail(f"{site.source}: no host {host!r}; hosts are {', '.join(site.hosts)}")
     _run(lambda: _until_signalled(lambda stop: run_controller(site, host, stop, parent_pid=parent_pid)))
 
 
@@ -115,8 +114,6 @@ def instance(ctx: click.Context, schema: str, cell: str, parent_pid: int | None)
     from ubicore.controller import run_instance
 
     site = _site(ctx)
-    if site.instance(schema, cell) is None:
-        _fail(f"{site.source}: no deployment runs {schema} at {cell}")
     _run(lambda: _until_signalled(lambda stop: run_instance(site, schema, cell, stop, parent_pid=parent_pid)))
 
 
@@ -241,7 +238,7 @@ def call(ctx: click.Context, cell: str, schema: str, operation: str, arguments: 
     async def body() -> Any:
         async with Client.for_site(cfg, timeout_s=timeout) as client:
             ops = (await client.describe(cell, schema))["schema"]["operations"]
-            if operation not in ops and operation not in ("get_group", "get_dump", "get_stats"):
+            if operation not in ops and operation not in BUILTIN_OPERATIONS:
                 from ubicore.errors import NotFound
 
                 raise NotFound(f"{schema} has no operation {operation!r}; it has {', '.join(sorted(ops))}")

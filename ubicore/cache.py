@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .errors import CallTimeout, ProtocolError, RemoteError, Unavailable
+from .errors import CallTimeout, ProtocolError
 from .protocol.channel import Batch, ChannelFollower, FollowState, ResyncReason
 from .protocol.messages import ChannelMessage, Op
 from .transport.channel import Subscription
@@ -356,7 +356,8 @@ class Cache(_Joined):
         except TypeError:  # a row or key the relation cannot hold: the copy is suspect
             self.malformed += 1
             self._layout_stale = True
-            self._note_resync(self.follower.resync(ResyncReason.GAP).resync or ResyncReason.GAP)
+            self.follower.resync(ResyncReason.GAP)
+            self._note_resync(ResyncReason.GAP)
 
     def _apply_changes(self, batches: Any) -> None:
         # The per-event hot path of a cache: per relation, everything needed is looked up
@@ -431,4 +432,4 @@ class Follower(_Joined):
             self._call_back(self._on_batch, batch)
 
 
-__all__ = ["Binding", "Cache", "Follower", "RelationInfo", "Unavailable"]
+__all__ = ["Binding", "Cache", "Follower", "RelationInfo"]

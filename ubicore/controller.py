@@ -18,11 +18,11 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from .client import NAMING_CELL, NAMING_SCHEMA, Client
 from .config.model import SiteConfig
-from .errors import RemoteError
+from .errors import ConfigError, RemoteError
 from .runtime import resolve_schema, serve_core, serve_instance
 from .supervisor import Child, Supervisor, watch_parent
 
@@ -43,21 +43,25 @@ def ubi_argv(site: SiteConfig, *args: str) -> list[str]:
     return [sys.executable, "-m", "ubicore.tools.cli", "--site", str(site.source), *args]
 
 
-async def _guarded(stop: asyncio.Event, parent_pid: int | None) -> asyncio.Task[None] | None:
-    """Watch the supervising parent, named by pid on the command line: a child that read
-    its parent pid only after starting could miss a parent that died meanwhile."""
-    if parent_pid is None:
-        return None
-    return asyncio.create_task(watch_parent(parent_pid, stop))
+@contextlib.asynccontextmanager
+async def _watching_parent(stop: asyncio.Event, parent_pid: int | None) -> AsyncIterator[None]:
+    """Set ``stop`` if the supervising parent, named by pid on the command line, goes
+    (a child that read its parent pid only after starting could miss a parent that
+    died meanwhile)."""
+    watcher = None if parent_pid is None else asyncio.create_task(watch_parent(parent_pid, stop))
+    try:
+        yield
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
 
 async def run_core(site: SiteConfig, stop: asyncio.Event, *, parent_pid: int | None = None) -> None:
-    watcher = await _guarded(stop, parent_pid)
-    async with serve_core(site):
+    async with _watching_parent(stop, parent_pid), serve_core(site):
         log.info("core of site %s up on %s", site.name, site.core.rpc_endpoint)
         await stop.wait()
-    if watcher is not None:
-        watcher.cancel()
 
 
 async def run_instance(
@@ -65,13 +69,9 @@ async def run_instance(
 ) -> None:
     plan = site.instance(schema, cell)
     if plan is None:
-        raise ValueError(f"{site.source}: no deployment runs {schema} at {cell}")
-    resolve_schema(site, schema)
-    watcher = await _guarded(stop, parent_pid)
-    async with serve_instance(site, plan):
+        raise ConfigError(str(site.source), "deployments", f"no deployment runs {schema} at {cell}")
+    async with _watching_parent(stop, parent_pid), serve_instance(site, plan):
         await stop.wait()
-    if watcher is not None:
-        watcher.cancel()
 
 
 class HostController:
@@ -79,7 +79,7 @@ class HostController:
 
     def __init__(self, site: SiteConfig, host: str) -> None:
         if host not in site.hosts:
-            raise ValueError(f"{site.source}: no host {host!r} (hosts: {', '.join(site.hosts)})")
+            raise ConfigError(str(site.source), "hosts", f"no host {host!r}; hosts are {', '.join(site.hosts)}")
         self.site = site
         self.host = host
         self.plans = {f"{p.schema}@{p.cell}": p for p in site.instances_for_host(host)}
@@ -141,10 +141,8 @@ async def run_controller(site: SiteConfig, host: str, stop: asyncio.Event, *, pa
     controller = HostController(site, host)
     for plan in controller.plans.values():
         resolve_schema(site, plan.schema)  # a bad deployment fails here, not in a crash loop
-    watcher = await _guarded(stop, parent_pid)
-    await controller.run(stop)
-    if watcher is not None:
-        watcher.cancel()
+    async with _watching_parent(stop, parent_pid):
+        await controller.run(stop)
 
 
 async def wait_until_up(site: SiteConfig, timeout_s: float, client: Client | None = None) -> list[str]:

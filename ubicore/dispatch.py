@@ -41,7 +41,7 @@ from .protocol.codec import (
     unpack,
 )
 from .protocol.messages import INSTANCE_ID_BYTES, MAGIC, Change, Request
-from .schema import OperationSpec, OpKind, Param, Protection, Schema
+from .schema import INT64_MAX, INT64_MIN, OperationSpec, OpKind, Param, Protection, Schema
 from .store import Store, Transaction
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ MAX_RESULT_BYTES = MAX_FRAME_BYTES - 64
 
 _TYPE_CHECKS: Mapping[str, Callable[[Any], bool]] = {
     "str": lambda v: type(v) is str,
-    "int": lambda v: type(v) is int and -(2**63) <= v < 2**63,
+    "int": lambda v: type(v) is int and INT64_MIN <= v <= INT64_MAX,
     "float": lambda v: type(v) in (float, int),
     "bool": lambda v: type(v) is bool,
     "bytes": lambda v: type(v) is bytes,
@@ -148,10 +148,7 @@ class InstanceCore:
             return encode_error(corr, RemoteProtocolError.code, str(exc), {})
         self.stats.requests += 1
         try:
-            packed = self.execute(req)
-            if len(packed) > MAX_RESULT_BYTES:
-                raise RemoteFailure(f"the result of {req.operation} is {len(packed)} bytes, over {MAX_RESULT_BYTES}")
-            return encode_reply_packed(req.corr_id, packed)
+            return encode_reply_packed(req.corr_id, self.execute(req))
         except RemoteError as err:
             self.stats.errors += 1
             log.debug("%s@%s: %s -> %s: %s", self.name, self.cell, req.operation, err.code, err.message)
@@ -167,11 +164,11 @@ class InstanceCore:
             raise NotFound(f"this endpoint serves {self.name} at {self.cell}, not {req.schema} at {req.cell}")
         match req.operation:
             case "get_dump":
-                return pack(self.dump())
+                return pack_result(self.dump())
             case "get_group":
-                return pack(self.group())
+                return pack_result(self.group())
             case "get_stats":
-                return pack(asdict(self.stats))
+                return pack_result(asdict(self.stats))
         spec = self.schema.operations.get(req.operation)
         if spec is None:
             raise NotFound(f"{self.name} has no operation {req.operation!r}")
@@ -183,30 +180,21 @@ class InstanceCore:
         tx = self.store.transaction(writable=spec.kind is OpKind.UPDATE)
         try:
             result = spec.func(self.obj, tx, **args)
-            body = pack(result)  # a result that cannot travel fails before anything commits
-            if len(body) > MAX_RESULT_BYTES:
-                raise RemoteFailure(f"{spec.name}: its result is {len(body)} bytes, over {MAX_RESULT_BYTES}")
-            unpack(body)  # nor may one a caller could not parse (a map key that is not a string)
         except RemoteError:
             tx.rollback()
             raise
         except ConstraintViolation as exc:
             tx.rollback()
             raise RemoteFailure(str(exc)) from None
-        except ValueError as exc:
-            if "cannot travel" not in str(exc):
-                tx.rollback()
-                log.exception("%s@%s: operation %s raised", self.name, self.cell, spec.name)
-                raise RemoteFailure(f"{spec.name} failed: ValueError: {exc}") from None
-            tx.rollback()
-            raise RemoteFailure(f"{spec.name} failed: its result {exc}") from None
-        except ProtocolError:
-            tx.rollback()
-            raise RemoteFailure(f"{spec.name} failed: its result cannot travel (map keys must be strings)") from None
         except Exception as exc:
             tx.rollback()
             log.exception("%s@%s: operation %s raised", self.name, self.cell, spec.name)
             raise RemoteFailure(f"{spec.name} failed: {type(exc).__name__}: {exc}") from None
+        try:  # a result that cannot travel fails before anything commits
+            body = pack_result(result)
+        except RemoteFailure as exc:
+            tx.rollback()
+            raise RemoteFailure(f"{spec.name} failed: {exc.message}") from None
         self.commit(tx)
         return body
 
@@ -239,6 +227,26 @@ class InstanceCore:
             "events": self.endpoints.get("events", ""),
             "schema": self.schema.describe(),
         }
+
+
+_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
+
+
+def pack_result(result: Any) -> bytes:
+    """A result packed for a reply, or RemoteFailure saying why it cannot travel: too
+    large, not msgpack-able, or holding a map key a caller would refuse (not a string)."""
+    try:
+        body = pack(result)
+    except ValueError as exc:
+        raise RemoteFailure(f"its result {exc}") from None
+    if len(body) > MAX_RESULT_BYTES:
+        raise RemoteFailure(f"its result is {len(body)} bytes, over {MAX_RESULT_BYTES}")
+    if type(result) not in _SCALARS:  # only containers can hold a map key callers refuse
+        try:
+            unpack(body)
+        except ProtocolError:
+            raise RemoteFailure("its result cannot travel (map keys must be strings)") from None
+    return body
 
 
 def _salvage_corr_id(frames: list[bytes]) -> int | None:

@@ -76,7 +76,7 @@ async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT
     )
     await _start_or_close(server)
     try:
-        with server_transaction(server) as tx:
+        with server.transaction() as tx:
             tx.instances.upsert(
                 schema=NAMING_SCHEMA, cell=NAMING_CELL, host=site.core.host, rpc=server.rpc_endpoint,
                 events=server.event_endpoint, instance_id=core.instance_id,
@@ -95,21 +95,10 @@ async def _start_or_close(server: InstanceServer) -> None:
         raise
 
 
-@contextlib.contextmanager
-def server_transaction(server: InstanceServer):  # type: ignore[no-untyped-def]
-    tx = server.core.store.transaction()
-    try:
-        yield tx
-    except BaseException:
-        tx.rollback()
-        raise
-    server.core.commit(tx)
-
-
 async def _register(client: Client, plan: InstancePlan, server: InstanceServer) -> None:
     core = server.core
     await client.call(
-        NAMING_CELL, "UNaming::Registry", "register",
+        NAMING_CELL, NAMING_SCHEMA, "register",
         schema=plan.schema, cell=plan.cell, host=plan.host, rpc=server.rpc_endpoint,
         events=server.event_endpoint, instance_id=core.instance_id,
         protection=core.protection.value, pid=os.getpid(),
@@ -148,7 +137,7 @@ async def serve_instance(
             await keeper
         with contextlib.suppress(RemoteError):
             await client.call(
-                NAMING_CELL, "UNaming::Registry", "deregister", timeout_s=1.0,
+                NAMING_CELL, NAMING_SCHEMA, "deregister", timeout_s=1.0,
                 schema=plan.schema, cell=plan.cell, instance_id=core.instance_id,
             )
         await client.close()

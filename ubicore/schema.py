@@ -59,7 +59,8 @@ MEMBER_NAME = re.compile(rf"^{_PART}$")
 BUILTIN_OPERATIONS = frozenset({"get_group", "get_dump", "get_stats"})
 RESERVED_RELATION_NAMES = frozenset({"describe", "commit", "rollback", "log", "done"})
 """Names a relation cannot take: ``tx.<name>`` or ``Schema.<name>`` would not reach it."""
-_INT64 = (-(2**63), 2**63 - 1)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""The range of ``int`` columns and parameters (msgpack and SQLite integers)."""
 
 COLUMN_TYPES: Mapping[type, str] = types.MappingProxyType(
     {str: "str", int: "int", float: "float", bool: "bool", bytes: "bytes"}
@@ -168,7 +169,7 @@ def _value_fits(col: Column, value: Any) -> bool:
     if t is float:
         return type(value) in (float, int)
     if t is int:
-        return type(value) is int and _INT64[0] <= value <= _INT64[1]
+        return type(value) is int and INT64_MIN <= value <= INT64_MAX
     return type(value) is t
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -23,11 +24,10 @@ from .errors import Unavailable
 from .protocol.codec import HEADER_WELCOME, encode_delta_batches, encode_heartbeat
 from .protocol.messages import Heartbeat
 from .store import Transaction
-from .transport.sockets import Pump, bind, make_socket
+from .transport.sockets import NOBLOCK, Pump, bind, make_socket
 
 log = logging.getLogger(__name__)
 
-_NOBLOCK = int(zmq.NOBLOCK)  # a plain int is cheaper than pyzmq's enum on the publish path
 MAX_COALESCED_BATCHES = 256
 DEFAULT_HEARTBEAT_S = 1.0
 BIND_RETRY_S = 2.0
@@ -48,7 +48,8 @@ async def _bind_retrying(sock: zmq.Socket[bytes], endpoint: str) -> str:
         try:
             return bind(sock, endpoint)
         except Unavailable as exc:
-            if endpoint.endswith(":*") or "in use" not in str(exc) or asyncio.get_running_loop().time() > deadline:
+            in_use = exc.detail.get("errno") == errno.EADDRINUSE
+            if endpoint.endswith(":*") or not in_use or asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.05)
 
@@ -63,7 +64,7 @@ class InstanceContext:
 
     def transaction(self) -> contextlib.AbstractContextManager[Transaction]:
         """Commit on leaving the block and publish the changes; roll back on error."""
-        return _CommitOnExit(self._server.core)
+        return self._server.transaction()
 
 
 class _CommitOnExit:
@@ -112,6 +113,10 @@ class InstanceServer:
         self._tasks: list[asyncio.Task[Any]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         core._on_commit = self._committed
+
+    def transaction(self) -> contextlib.AbstractContextManager[Transaction]:
+        """A transaction on the instance that commits and publishes on leaving the block."""
+        return _CommitOnExit(self.core)
 
     @property
     def rpc_endpoint(self) -> str:
@@ -179,14 +184,14 @@ class InstanceServer:
         if taken is None:
             return
         frames = encode_delta_batches(self.core.instance_id, taken[0], taken[1])
-        self._pub.send_multipart(frames, _NOBLOCK, copy=False)
+        self._pub.send_multipart(frames, NOBLOCK, copy=False)
         self.core.stats.deltas_sent += 1
 
     def heartbeat(self) -> None:
         self.flush()
         if self._pub is not None:
             hb = Heartbeat(self.core.instance_id, self.core.sequencer.seq)
-            self._pub.send_multipart(encode_heartbeat(hb), _NOBLOCK)
+            self._pub.send_multipart(encode_heartbeat(hb), NOBLOCK)
 
     async def _heartbeats(self) -> None:
         while True:

@@ -27,11 +27,10 @@ from typing import Any
 
 from .errors import ConstraintViolation, StoreError
 from .protocol.messages import Change, Op
-from .schema import Column, Relation, Schema
+from .schema import INT64_MAX, INT64_MIN, Column, Relation, Schema
 
 __all__ = ["RelationTx", "Store", "Transaction", "udata_path"]
 
-_INT64 = (-(2**63), 2**63 - 1)
 _SQL_TYPES = {"str": "TEXT", "int": "INTEGER", "float": "REAL", "bool": "INTEGER", "bytes": "BLOB"}
 _META_TABLE = "_ubi_meta"
 
@@ -52,7 +51,7 @@ def _check(rel: Relation, col: Column, value: Any) -> Any:
     else:
         t = type(value)
         if t is col.type:
-            if t is int and not _INT64[0] <= value <= _INT64[1]:
+            if t is int and not INT64_MIN <= value <= INT64_MAX:
                 raise ConstraintViolation(f"{rel.name}.{col.name}: {value} does not fit in 64 bits")
             if t is float and value != value:  # SQLite would store NaN as NULL
                 raise ConstraintViolation(f"{rel.name}.{col.name}: NaN is not a storable value")

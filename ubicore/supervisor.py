@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ class Child:
     proc: asyncio.subprocess.Process | None = None
     started_at: float = 0.0
     backoff_s: float = MIN_BACKOFF_S
-    env: dict[str, str] | None = field(default=None)
 
     @property
     def pid(self) -> int | None:
@@ -61,8 +60,8 @@ class Supervisor:
         self._stopping = False
         self._watchers: list[asyncio.Task[None]] = []
 
-    def add(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Child:
-        child = Child(name, list(argv), env=env)
+    def add(self, name: str, argv: Sequence[str]) -> Child:
+        child = Child(name, list(argv))
         self.children[name] = child
         return child
 
@@ -81,7 +80,7 @@ class Supervisor:
         # then stops its children in order (children watch their parent's pid in case it
         # dies without doing so).
         child.proc = await asyncio.create_subprocess_exec(
-            *child.argv, env=child.env, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+            *child.argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
         )
         child.started_at = time.monotonic()
         await self._set(child, "starting")

@@ -66,12 +66,13 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack ext type {code} is not part of the protocol")
 
 
-def unpack(body: bytes) -> Any:
-    """Unpack a body; malformed msgpack becomes :class:`ProtocolError`."""
+def unpack(body: bytes, *, use_list: bool = True) -> Any:
+    """Unpack a body; malformed msgpack becomes :class:`ProtocolError`. With
+    ``use_list=False`` arrays come as tuples (channel rows then need no copy)."""
     if len(body) > MAX_FRAME_BYTES:
         raise ProtocolError(f"body of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext)
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=use_list, ext_hook=_no_ext)
     except Exception as exc:  # msgpack raises a zoo of types on garbage
         raise ProtocolError(f"malformed msgpack body: {type(exc).__name__}") from None
 
@@ -193,16 +194,6 @@ def encode_heartbeat(hb: Heartbeat) -> list[bytes]:
     return [HEADER_HEARTBEAT, pack([hb.instance_id, hb.seq])]
 
 
-def _unpack_tuples(body: bytes) -> Any:
-    """Unpack with arrays as tuples: channel rows then need no copy to become rows."""
-    if len(body) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"body of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
-    try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=False, ext_hook=_no_ext)
-    except Exception as exc:
-        raise ProtocolError(f"malformed msgpack body: {type(exc).__name__}") from None
-
-
 def _parse_batches(raw: Any) -> tuple[tuple[Change, ...], ...]:
     # The per-event hot path of every subscriber: checks inline, no per-change copies.
     if type(raw) is not tuple or not raw:
@@ -229,7 +220,7 @@ def parse_channel_message(frames: Sequence[bytes]) -> ChannelMessage:
     kind = parse_header(bytes(frames[0]))
     if kind is not Kind.DELTA and kind is not Kind.HEARTBEAT:
         raise ProtocolError(f"expected a channel message, got {kind.name.lower()}")
-    body = _unpack_tuples(bytes(frames[1]))
+    body = unpack(bytes(frames[1]), use_list=False)
     if type(body) is not tuple:
         raise ProtocolError(f"{kind.name.lower()} body must be an array")
     if kind is Kind.DELTA:

@@ -40,7 +40,6 @@ from ..cache import Cache, Follower
 from ..client import Client
 from ..config import parse_site
 from ..config.model import InstancePlan, SiteConfig
-from ..errors import Unavailable
 from ..runtime import serve_core, serve_instance
 from ..service import InstanceServer
 from ..transport.sockets import context
@@ -58,7 +57,6 @@ TEST_IMPORTS: tuple[str, ...] = ("ubicore.testing.schemas",)
 TEST_DEPLOYMENTS: tuple[Mapping[str, Any], ...] = ({"schema": COUNTER, "cell": "Site"},)
 """What :func:`running_site` adds to the site by default: ``UTest::Counter`` at ``Site``."""
 REGISTER_WAIT_S = 5.0
-CORE_BIND_WAIT_S = 2.0
 DEFAULT_TEST_TIMEOUT_S = 20.0
 
 Key = tuple[str, str]
@@ -177,19 +175,14 @@ class RunningSite:
         """Serve the naming registry on the site's core ports."""
         if self._core_stack is not None:
             raise RuntimeError("the core is already running")
-        # The core's ports are fixed, and ZeroMQ releases a closed socket's port in its
-        # I/O thread a moment after close() returns: a quick restart may have to wait.
-        deadline = time.monotonic() + CORE_BIND_WAIT_S
-        while True:
-            stack = contextlib.AsyncExitStack()
-            try:
-                core = await stack.enter_async_context(serve_core(self.site))
-                break
-            except Unavailable:
-                await stack.aclose()
-                if time.monotonic() >= deadline:
-                    raise
-                await asyncio.sleep(0.02)
+        # The core's ports are fixed; a quick restart may find them still held for a
+        # moment, which the instance server itself retries (service.BIND_RETRY_S).
+        stack = contextlib.AsyncExitStack()
+        try:
+            core = await stack.enter_async_context(serve_core(self.site))
+        except BaseException:
+            await stack.aclose()
+            raise
         self.core, self._core_stack = core, stack
         return core
 

@@ -30,7 +30,7 @@ LINGER_MS = 0
 # paths, and an EAGAIN raised as zmq.Again several more.
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
-_NOBLOCK = int(zmq.NOBLOCK)
+NOBLOCK = int(zmq.NOBLOCK)
 
 
 def context() -> zmq.Context[zmq.Socket[bytes]]:
@@ -54,7 +54,7 @@ def bind(sock: zmq.Socket[bytes], endpoint: str) -> str:
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
-        raise Unavailable(f"cannot bind {endpoint}: {exc.strerror}") from None
+        raise Unavailable(f"cannot bind {endpoint}: {exc.strerror}", {"errno": exc.errno}) from None
     last = sock.getsockopt(zmq.LAST_ENDPOINT)
     return last.decode() if isinstance(last, bytes) else str(last)
 
@@ -109,7 +109,7 @@ class Pump:
             try:
                 if not events(_EVENTS) & _POLLIN:  # also re-arms the edge-triggered FD
                     return
-                frames = recv(_NOBLOCK)
+                frames = recv(NOBLOCK)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
@@ -124,7 +124,7 @@ class Pump:
     def send(self, frames: Sequence[bytes]) -> None:
         """Send without blocking; a full queue is :class:`Unavailable`."""
         try:
-            self.sock.send_multipart(frames, _NOBLOCK, copy=False)
+            self.sock.send_multipart(frames, NOBLOCK, copy=False)
         except zmq.Again:
             raise Unavailable("send queue full") from None
         except zmq.ZMQError as exc:
