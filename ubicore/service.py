@@ -24,7 +24,7 @@ from .errors import Unavailable
 from .protocol.codec import HEADER_WELCOME, encode_delta_batches, encode_heartbeat
 from .protocol.messages import Heartbeat
 from .store import Transaction
-from .transport.sockets import NOBLOCK, Pump, bind, make_socket
+from .transport.sockets import Pump, bind, make_socket, send_frames
 
 log = logging.getLogger(__name__)
 
@@ -184,14 +184,14 @@ class InstanceServer:
         if taken is None:
             return
         frames = encode_delta_batches(self.core.instance_id, taken[0], taken[1])
-        self._pub.send_multipart(frames, NOBLOCK, copy=False)
+        send_frames(self._pub, frames)
         self.core.stats.deltas_sent += 1
 
     def heartbeat(self) -> None:
         self.flush()
         if self._pub is not None:
             hb = Heartbeat(self.core.instance_id, self.core.sequencer.seq)
-            self._pub.send_multipart(encode_heartbeat(hb), NOBLOCK)
+            send_frames(self._pub, encode_heartbeat(hb))
 
     async def _heartbeats(self) -> None:
         while True:

@@ -31,6 +31,10 @@ LINGER_MS = 0
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+COPY_BELOW_BYTES = 64 * 1024
+"""Frames smaller than this are copied into libzmq (cheaper than tracking a zero-copy frame)."""
 
 
 def context() -> zmq.Context[zmq.Socket[bytes]]:
@@ -73,6 +77,27 @@ def connect(sock: zmq.Socket[bytes], endpoint: str) -> None:
         raise Unavailable(f"cannot connect to {endpoint}: {exc.strerror}") from None
 
 
+def send_frames(sock: zmq.Socket[bytes], frames: Sequence[bytes], flags: int = NOBLOCK) -> None:
+    """Send one multipart message: pyzmq's ``send_multipart`` with plain-int flags (it
+    builds an ``IntFlag`` per frame) and zero-copy only for large frames. libzmq
+    accepts all the parts of a message once it has accepted the first."""
+    send, more = sock.send, flags | _SNDMORE
+    for frame in frames[:-1]:
+        send(frame, more, copy=len(frame) < COPY_BELOW_BYTES)
+    last = frames[-1]
+    send(last, flags, copy=len(last) < COPY_BELOW_BYTES)
+
+
+def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
+    """Receive one multipart message without blocking (``zmq.Again`` if none waits)."""
+    recv = sock.recv
+    more: Callable[[int], int] = sock.getsockopt  # type: ignore[assignment]
+    frames = [recv(NOBLOCK)]
+    while more(_RCVMORE):
+        frames.append(recv(NOBLOCK))
+    return frames
+
+
 class Pump:
     """Calls ``on_frames(frames)`` for each message arriving on ``sock``, in the loop."""
 
@@ -104,12 +129,12 @@ class Pump:
         if self._closed:
             return
         sock, on_frames = self.sock, self._on_frames
-        recv, events = sock.recv_multipart, self._events
+        events = self._events
         for _ in range(MAX_DRAIN_PER_WAKEUP):
             try:
                 if not events(_EVENTS) & _POLLIN:  # also re-arms the edge-triggered FD
                     return
-                frames = recv(NOBLOCK)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
@@ -124,7 +149,7 @@ class Pump:
     def send(self, frames: Sequence[bytes]) -> None:
         """Send without blocking; a full queue is :class:`Unavailable`."""
         try:
-            self.sock.send_multipart(frames, NOBLOCK, copy=False)
+            send_frames(self.sock, frames)
         except zmq.Again:
             raise Unavailable("send queue full") from None
         except zmq.ZMQError as exc:
