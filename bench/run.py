@@ -132,7 +132,7 @@ async def run_sections(args: argparse.Namespace, cfg: dict[str, Any], result: di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="ubicore benchmarks against raw pyzmq")
-    parser.add_argument("--quick", action="store_true", help="smaller counts, one repetition (~30 s)")
+    parser.add_argument("--quick", action="store_true", help="smaller counts, one repetition (~7 s)")
     parser.add_argument("--only", choices=SECTIONS, help="run one section")
     parser.add_argument("--out", type=Path, help="also write the JSON document to FILE")
     parser.add_argument("--profile", type=Path, metavar="DIR",

@@ -48,3 +48,19 @@ def test_library_is_typed_strictly() -> None:
         cwd=ROOT, capture_output=True, text=True,
     )
     assert res.returncode == 0, res.stdout[-3000:]
+
+
+def test_only_the_transport_imports_zmq() -> None:
+    import ast
+
+    offenders = []
+    for folder in ("ubicore", "services", "tools"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.parent.name == "transport":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                if any(n == "zmq" or n.startswith("zmq.") for n in names):
+                    offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []

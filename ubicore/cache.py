@@ -130,7 +130,7 @@ class _Joined:
             await asyncio.wait_for(self.ready.wait(), timeout_s)
         except asyncio.TimeoutError:
             await self.close()
-            raise CallTimeout(f"could not join {self.schema} at {self.cell} within {timeout_s:g} s") from None
+            raise CallTimeout(f"could not join {self.schema} at {self.cell} within {timeout_s:.3g} s") from None
         except BaseException:  # cancelled: leave nothing half-joined behind
             await asyncio.shield(self.close())
             raise

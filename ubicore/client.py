@@ -101,7 +101,7 @@ class Client:
             async with asyncio.timeout(timeout):
                 await self._naming_lock.acquire()
         except TimeoutError:
-            raise CallTimeout(f"could not join {NAMING_SCHEMA} at {NAMING_CELL} within {timeout:g} s") from None
+            raise CallTimeout(f"could not join {NAMING_SCHEMA} at {NAMING_CELL} within {timeout:.3g} s") from None
         try:
             if self._naming is None:
                 cache = Cache(self._naming_binding, self._connection)

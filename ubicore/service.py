@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 from collections.abc import Mapping
 from typing import Any
 
-import zmq
-
 from .dispatch import InstanceCore
-from .errors import Unavailable
 from .protocol.codec import HEADER_WELCOME, encode_delta_batches, encode_heartbeat
 from .protocol.messages import Heartbeat
 from .store import Transaction
-from .transport.sockets import Pump, bind, make_socket, send_frames
+from .transport.sockets import Pump, bind_retrying, make_publisher, make_router
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +35,6 @@ ROUTER_HWM = 100_000
 
 def _discard(frames: list[bytes]) -> None:
     pass
-
-
-async def _bind_retrying(sock: zmq.Socket[bytes], endpoint: str) -> str:
-    """Bind; a fixed port still held by a process that just stopped is retried for a while."""
-    deadline = asyncio.get_running_loop().time() + BIND_RETRY_S
-    while True:
-        try:
-            return bind(sock, endpoint)
-        except Unavailable as exc:
-            in_use = exc.detail.get("errno") == errno.EADDRINUSE
-            if endpoint.endswith(":*") or not in_use or asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.05)
 
 
 class InstanceContext:
@@ -107,8 +90,7 @@ class InstanceServer:
         self._ports = (rpc_port, event_port)
         self._heartbeat_s = heartbeat_s
         self._router: Pump | None = None
-        self._pub: zmq.Socket[bytes] | None = None
-        self._pub_pump: Pump | None = None
+        self._pub: Pump | None = None
         self._flush_scheduled = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -129,19 +111,17 @@ class InstanceServer:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         host = f"[{self._address}]" if ":" in self._address else self._address
-        pub = make_socket(zmq.XPUB, hwm=PUB_HWM)
-        pub.setsockopt(zmq.XPUB_WELCOME_MSG, HEADER_WELCOME)  # tells each subscriber it is in
-        router = make_socket(zmq.ROUTER, hwm=ROUTER_HWM)
+        pub = make_publisher(hwm=PUB_HWM, welcome=HEADER_WELCOME)  # welcomes each subscriber
+        router = make_router(hwm=ROUTER_HWM)
         try:
-            events = await _bind_retrying(pub, f"tcp://{host}:{self._ports[1] or '*'}")
-            rpc = await _bind_retrying(router, f"tcp://{host}:{self._ports[0] or '*'}")
+            events = await bind_retrying(pub, f"tcp://{host}:{self._ports[1] or '*'}", BIND_RETRY_S)
+            rpc = await bind_retrying(router, f"tcp://{host}:{self._ports[0] or '*'}", BIND_RETRY_S)
         except BaseException:
             pub.close(0)
             router.close(0)
             raise
-        self._pub = pub
-        # An XPUB hands subscriptions up; nothing needs them, but they must be read.
-        self._pub_pump = Pump(pub, _discard, self._loop)
+        # The publisher hands subscriptions up; nothing needs them, but they must be read.
+        self._pub = Pump(pub, _discard, self._loop)
         self.core.endpoints.update(rpc=rpc, events=events)
         self._router = Pump(router, self._on_request, self._loop)
         self._tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeats"))
@@ -184,14 +164,14 @@ class InstanceServer:
         if taken is None:
             return
         frames = encode_delta_batches(self.core.instance_id, taken[0], taken[1])
-        send_frames(self._pub, frames)
+        self._pub.send(frames)
         self.core.stats.deltas_sent += 1
 
     def heartbeat(self) -> None:
         self.flush()
         if self._pub is not None:
             hb = Heartbeat(self.core.instance_id, self.core.sequencer.seq)
-            send_frames(self._pub, encode_heartbeat(hb))
+            self._pub.send(encode_heartbeat(hb))
 
     async def _heartbeats(self) -> None:
         while True:
@@ -207,10 +187,8 @@ class InstanceServer:
         self._tasks.clear()
         if self._pub is not None:
             self.flush()
+            self._pub.close()  # closes the socket
             self._pub = None
-        if self._pub_pump is not None:
-            self._pub_pump.close()  # closes the socket
-            self._pub_pump = None
         if self._router is not None:
             self._router.close()
             self._router = None

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import zmq
 
-import ubicore.service
+import ubicore.transport.sockets
 import ubicore.transport.channel
 from ubicore.testing import COUNTER, run_async, running_site
 from ubicore.transport.sockets import make_socket
@@ -49,7 +49,7 @@ async def test_slow_cache_detects_loss_and_converges(tmp_path: Path, monkeypatch
     async with running_site(tmp_path, instances=[]) as rs:
         # Only the instance under test and the cache's subscription get the tiny limits
         # (the ROUTER keeps its own high-water mark, so no reply is dropped).
-        monkeypatch.setattr(ubicore.service, "make_socket", small_buffers(make_socket, pub_hwm=1))
+        monkeypatch.setattr(ubicore.transport.sockets, "make_socket", small_buffers(make_socket, pub_hwm=1))
         server = await rs.start_instance(COUNTER, "Site")
         monkeypatch.setattr(ubicore.transport.channel, "SUB_HWM", 1)
         monkeypatch.setattr(ubicore.transport.channel, "make_socket", small_buffers(make_socket))

@@ -14,6 +14,7 @@ round trip within a few microseconds of a blocking raw-pyzmq loop.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Callable, Sequence
 
@@ -61,6 +62,34 @@ def bind(sock: zmq.Socket[bytes], endpoint: str) -> str:
         raise Unavailable(f"cannot bind {endpoint}: {exc.strerror}", {"errno": exc.errno}) from None
     last = sock.getsockopt(zmq.LAST_ENDPOINT)
     return last.decode() if isinstance(last, bytes) else str(last)
+
+
+async def bind_retrying(sock: zmq.Socket[bytes], endpoint: str, retry_s: float) -> str:
+    """Bind; a fixed port still held by a process that just stopped is retried for
+    ``retry_s`` (libzmq releases a closed socket's port a moment after ``close``)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retry_s
+    while True:
+        try:
+            return bind(sock, endpoint)
+        except Unavailable as exc:
+            in_use = exc.detail.get("errno") == errno.EADDRINUSE
+            if endpoint.endswith(":*") or not in_use or loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+def make_publisher(*, hwm: int, welcome: bytes) -> zmq.Socket[bytes]:
+    """An event channel's socket: an XPUB that sends ``welcome`` to each new subscriber
+    once its subscription is in place (and hands subscriptions up, to be drained)."""
+    sock = make_socket(zmq.XPUB, hwm=hwm)
+    sock.setsockopt(zmq.XPUB_WELCOME_MSG, welcome)
+    return sock
+
+
+def make_router(*, hwm: int) -> zmq.Socket[bytes]:
+    """An instance's request socket."""
+    return make_socket(zmq.ROUTER, hwm=hwm)
 
 
 def _allow_ipv6(sock: zmq.Socket[bytes], endpoint: str) -> None:
