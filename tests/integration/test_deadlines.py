@@ -20,6 +20,12 @@ from ubicore.transport.rpc import RpcConnection
 HANG_GUARD_S = 5.0
 
 
+def client_of_nobody(*, timeout_s: float) -> Client:
+    """A client whose core endpoints are free ports where nothing listens."""
+    rpc_port, event_port = free_ports(2)
+    return Client(f"tcp://127.0.0.1:{rpc_port}", f"tcp://127.0.0.1:{event_port}", timeout_s=timeout_s)
+
+
 @run_async
 async def test_call_to_an_endpoint_where_nothing_listens_times_out(tmp_path: Path) -> None:
     (port,) = free_ports(1)
@@ -44,8 +50,7 @@ async def test_call_to_an_endpoint_where_nothing_listens_times_out(tmp_path: Pat
 
 @run_async
 async def test_client_whose_core_has_nobody_times_out(tmp_path: Path) -> None:
-    rpc_port, event_port = free_ports(2)
-    client = Client(f"tcp://127.0.0.1:{rpc_port}", f"tcp://127.0.0.1:{event_port}", timeout_s=0.2)
+    client = client_of_nobody(timeout_s=0.2)
     try:
         async with asyncio.timeout(HANG_GUARD_S):
             with pytest.raises(CallTimeout):  # find joins the naming registry first
@@ -87,8 +92,7 @@ async def test_joining_an_instance_that_does_not_answer_times_out(tmp_path: Path
 async def test_a_call_deadline_bounds_the_naming_join_too(tmp_path: Path) -> None:
     # The client's own timeout is long; the call's short deadline must still hold while
     # the client tries to join a naming registry that is not there.
-    rpc_port, event_port = free_ports(2)
-    client = Client(f"tcp://127.0.0.1:{rpc_port}", f"tcp://127.0.0.1:{event_port}", timeout_s=30.0)
+    client = client_of_nobody(timeout_s=30.0)
     try:
         async with asyncio.timeout(HANG_GUARD_S):
             for attempt in (
@@ -126,8 +130,7 @@ async def test_a_second_naming_join_gets_only_the_time_that_is_left(
         await real_start(self, timeout_s)
 
     monkeypatch.setattr(Cache, "_start", recording_start)
-    rpc_port, event_port = free_ports(2)
-    client = Client(f"tcp://127.0.0.1:{rpc_port}", f"tcp://127.0.0.1:{event_port}", timeout_s=30.0)
+    client = client_of_nobody(timeout_s=30.0)
     try:
         async with asyncio.timeout(HANG_GUARD_S):
             first = asyncio.create_task(client.call("Site", COUNTER, "get", name="x", timeout_s=0.6))
@@ -147,8 +150,7 @@ async def test_a_second_naming_join_gets_only_the_time_that_is_left(
 @run_async
 async def test_a_cancelled_join_leaves_nothing_open(tmp_path: Path) -> None:
     # run_async fails the test with LeakedSockets if a half-joined cache kept its SUB.
-    rpc_port, event_port = free_ports(2)
-    client = Client(f"tcp://127.0.0.1:{rpc_port}", f"tcp://127.0.0.1:{event_port}", timeout_s=30.0)
+    client = client_of_nobody(timeout_s=30.0)
     try:
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(client.naming(), 0.3)
