@@ -36,8 +36,21 @@ class FakeInstance:
         return {"instance_id": IID, "seq": self.seq, "relations": {"r": [list(r) for r in self.rows]}}
 
 
+class FakeLink:
+    """The client side of the fake: open calls, no sessions."""
+
+    def __init__(self, instance: FakeInstance) -> None:
+        self.instance = instance
+
+    async def call_binding(self, b: Binding, operation: str, args: Any, timeout_s: float) -> Any:
+        return await self.instance.call(b.schema, b.cell, operation, args, timeout_s)
+
+    def channel_session(self, b: Binding) -> None:
+        return None
+
+
 def make_cache(instance: FakeInstance) -> Cache:
-    return Cache(Binding("UT::S", "c", "tcp://fake:1", "tcp://fake:2"), lambda endpoint: instance)  # type: ignore[arg-type, return-value]
+    return Cache(Binding("UT::S", "c", "tcp://fake:1", "tcp://fake:2"), FakeLink(instance))
 
 
 async def joined(instance: FakeInstance) -> Cache:

@@ -188,7 +188,7 @@ def test_get_group(core: InstanceCore) -> None:
         "instance_id": b"I" * 16,
         "seq": 1,
         "protection": "open",
-        "epoch": 0,
+        "epoch": 1,
         "rpc": "",
         "events": "",
         "schema": Shop.describe(),
@@ -200,13 +200,23 @@ def test_get_group(core: InstanceCore) -> None:
 
 def test_get_group_shows_the_configured_protection() -> None:
     store = Store(Shop, None)
-    core = InstanceCore(Shop, CELL, store, protection=Protection.FULL)
+    core = InstanceCore(Shop, CELL, store, protection=Protection.UPDATE)
     try:
-        group = ok(core, "get_group")
-        assert group["protection"] == "full"
+        group = ok(core, "get_group")  # open under update
+        assert group["protection"] == "update"
         assert group["schema"]["default_protection"] == "open"
         assert type(group["instance_id"]) is bytes and len(group["instance_id"]) == 16
         assert group["instance_id"] == core.instance_id
+    finally:
+        store.close()
+
+
+def test_a_full_instance_refuses_clear_get_group() -> None:
+    store = Store(Shop, None)
+    core = InstanceCore(Shop, CELL, store, protection=Protection.FULL)
+    try:
+        err = error(core, "get_group")
+        assert err.code == "auth_required" and err.detail == {"level": "full"}
     finally:
         store.close()
 
@@ -233,7 +243,10 @@ def test_get_stats(core: InstanceCore) -> None:
     error(core, "nope")
     assert core.handle([b"garbage"]) is None
     stats = ok(core, "get_stats")
-    assert stats == {"requests": 3, "errors": 1, "malformed": 1, "commits": 1, "changes": 1, "deltas_sent": 0}
+    security = stats.pop("security")
+    assert stats == {"requests": 3, "errors": 1, "malformed": 1, "commits": 1, "changes": 1, "deltas_sent": 0,
+                     "rejected": 0}
+    assert security["logins"] == 0 and security["rejected"] == 0
 
 
 def test_builtins_ignore_arguments(core: InstanceCore) -> None:

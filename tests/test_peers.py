@@ -12,12 +12,15 @@ from ubicore.protocol.channel import FollowState
 from ubicore.services.configuration import ConfigurationUpdate
 from ubicore.services.positions import Positions
 from ubicore.store import Store
+from ubicore.schema import Protection
 from ubicore.testing.peers import ChannelPair, RpcPair
 
 
 def config_core() -> InstanceCore:
     # The sample's relation is persistent: SQLite's in-memory database stands in for a file.
-    return InstanceCore(ConfigurationUpdate, "Site", Store(ConfigurationUpdate, Path(":memory:")))
+    # Served open here: these tests are about correlation, not protection.
+    return InstanceCore(ConfigurationUpdate, "Site", Store(ConfigurationUpdate, Path(":memory:")),
+                        protection=Protection.OPEN)
 
 
 def test_rpc_pair_round_trips_with_typed_errors() -> None:

@@ -21,6 +21,7 @@ from ubicore.client import Client
 from ubicore.config import SiteConfig, load_site
 from ubicore.errors import BadArguments, UbiError
 from ubicore.schema import BUILTIN_OPERATIONS
+from ubicore.sessions import Credentials
 
 from . import format as fmt
 
@@ -55,6 +56,25 @@ def _site(ctx: click.Context) -> SiteConfig:
     return site
 
 
+def credentials(ctx: click.Context) -> Credentials | None:
+    """Who the command logs in as: ``--user`` (or $UBI_USER) with $UBI_PASSWORD or a
+    hidden prompt; nobody given: ``default``, the anonymous user."""
+    obj = ctx.ensure_object(dict)
+    user = obj.get("user")
+    if not user:
+        return None
+    password = os.environ.get("UBI_PASSWORD")
+    if password is None:
+        if not sys.stdin.isatty():
+            _fail(f"no password for {user}: set UBI_PASSWORD or run in a terminal")
+        password = click.prompt(f"password for {user}", hide_input=True, err=True)
+    return Credentials.password(user, password)
+
+
+def _client(ctx: click.Context, **kwargs: Any) -> Client:
+    return Client.for_site(_site(ctx), credentials=credentials(ctx), **kwargs)
+
+
 async def _until_signalled(body: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     from ubicore.supervisor import stop_on_signals
 
@@ -68,14 +88,17 @@ async def _until_signalled(body: Callable[[asyncio.Event], Awaitable[None]]) -> 
               help="The site file (also $UBI_SITE).")
 @click.option("--log-level", envvar="UBI_LOG_LEVEL", default="warning", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="Also $UBI_LOG_LEVEL.")
+@click.option("--user", envvar="UBI_USER", default=None,
+              help="Log in as this user (also $UBI_USER; password from $UBI_PASSWORD or a prompt).")
 @click.pass_context
-def cli(ctx: click.Context, site_path: str, log_level: str) -> None:
+def cli(ctx: click.Context, site_path: str, log_level: str, user: str | None) -> None:
     """ubicore: cell-based schema services for sites full of sensors."""
     logging.basicConfig(
         level=log_level.upper(), format=f"%(asctime)s {os.getpid()} %(name)s %(levelname)s %(message)s"
     )
     os.environ["UBI_LOG_LEVEL"] = log_level  # children log alike
     ctx.ensure_object(dict)["site_path"] = site_path
+    ctx.obj["user"] = user
 
 
 # --- processes ----------------------------------------------------------------------------
@@ -200,7 +223,7 @@ def services(ctx: click.Context, as_json: bool) -> None:
     cfg = _site(ctx)
 
     async def body() -> None:
-        async with Client.for_site(cfg) as client:
+        async with _client(ctx) as client:
             state = await client.services()
         inst = {(r["schema"], r["cell"]): r for r in state["instances"]}
         adm = {(r["schema"], r["cell"]): r for r in state["services"]}
@@ -236,7 +259,7 @@ def call(ctx: click.Context, cell: str, schema: str, operation: str, arguments: 
     cfg = _site(ctx)
 
     async def body() -> Any:
-        async with Client.for_site(cfg, timeout_s=timeout) as client:
+        async with _client(ctx, timeout_s=timeout) as client:
             ops = (await client.describe(cell, schema))["schema"]["operations"]
             if operation not in ops and operation not in BUILTIN_OPERATIONS:
                 from ubicore.errors import NotFound
@@ -270,7 +293,7 @@ def dump(ctx: click.Context, cell: str, schema: str, as_json: bool) -> None:
     cfg = _site(ctx)
 
     async def body() -> None:
-        async with Client.for_site(cfg) as client:
+        async with _client(ctx) as client:
             _print_tables(await client.cache(cell, schema), as_json)
 
     _run(body)
@@ -297,7 +320,7 @@ def watch(ctx: click.Context, cell: str, schema: str, as_json: bool, duration: f
 
     async def body(stop: asyncio.Event) -> None:
         nonlocal cache
-        async with Client.for_site(cfg) as client:
+        async with _client(ctx) as client:
             cache = await client.cache(cell, schema)
             _print_tables(cache, as_json)
             cache.on_change(show)
@@ -306,6 +329,11 @@ def watch(ctx: click.Context, cell: str, schema: str, as_json: bool, duration: f
             await stop.wait()
 
     _run(lambda: _until_signalled(body))
+
+
+from . import security_cli  # noqa: E402  (registers ``ubi security``)
+
+security_cli.register(cli)
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from .cache import Cache, ChangeCallback, Row
 from .client import DEFAULT_TIMEOUT_S, Client, ServiceInfo
 from .config.model import SiteConfig
+from .sessions import Credentials
 
 __all__ = ["BlockingCache", "BlockingClient"]
 
@@ -91,13 +92,24 @@ class BlockingCache:
 class BlockingClient:
     """A :class:`~ubicore.client.Client` for code without an event loop."""
 
-    def __init__(self, core_rpc: str, core_events: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        core_rpc: str,
+        core_events: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        credentials: Credentials | None = None,
+        site: str | None = None,
+    ) -> None:
         self._loop = _LoopThread()
-        self._client = Client(core_rpc, core_events, timeout_s=timeout_s)
+        self._client = Client(core_rpc, core_events, timeout_s=timeout_s, credentials=credentials, site=site)
 
     @classmethod
-    def for_site(cls, site: SiteConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> BlockingClient:
-        return cls(site.core.rpc_endpoint, site.core.event_endpoint, timeout_s=timeout_s)
+    def for_site(
+        cls, site: SiteConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, credentials: Credentials | None = None
+    ) -> BlockingClient:
+        return cls(site.core.rpc_endpoint, site.core.event_endpoint, timeout_s=timeout_s,
+                   credentials=credentials, site=site.name)
 
     def __enter__(self) -> BlockingClient:
         return self

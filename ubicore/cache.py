@@ -19,15 +19,15 @@ import asyncio
 import contextlib
 import logging
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
-from .errors import CallTimeout, ProtocolError
+from .errors import AuthenticationFailed, CallTimeout, DecryptionFailed, PermissionDenied, ProtocolError
 from .protocol.channel import Batch, ChannelFollower, FollowState, ResyncReason
-from .protocol.messages import ChannelMessage, Op
+from .protocol.messages import ChannelMessage, Op, Rekey, SealedEvent
+from .security.session import ClientSession
 from .transport.channel import Subscription
-from .transport.rpc import RpcConnection
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,16 @@ class Binding:
     rpc: str
     events: str
     instance_id: bytes = b""
+    protection: str = "open"
+
+
+class InstanceLink(Protocol):
+    """What a cache needs from its client: calls to the instance (sealed when its level
+    wants it) and the session whose group keys open a ``full`` channel."""
+
+    def call_binding(self, binding: Binding, operation: str, args: Mapping[str, Any], timeout_s: float) -> Awaitable[Any]: ...
+
+    def channel_session(self, binding: Binding) -> ClientSession | None: ...
 
 
 class RelationInfo(NamedTuple):
@@ -66,6 +76,21 @@ def _dump_parts(dump: Any) -> tuple[bytes, int, Mapping[str, Any]]:
     if type(iid) is not bytes or type(seq) is not int or seq < 0 or not isinstance(relations, dict):
         raise ProtocolError("a dump needs instance_id (bytes), seq (uint) and relations (map)")
     return iid, seq, relations
+
+
+def _group_keys(raw: Any) -> list[tuple[int, Any]]:
+    """Group keys from a ``get_keys`` result: [[epoch, key], ...]."""
+    from .security.primitives import Secret
+
+    if not isinstance(raw, list):
+        raise ProtocolError("get_keys must answer an array")
+    out = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int and type(item[1]) is bytes
+                and len(item[1]) == 16):
+            raise ProtocolError("get_keys must answer [epoch, 16-byte key] pairs")
+        out.append((item[0], Secret(item[1])))
+    return out
 
 
 def relation_infos(description: Mapping[str, Any]) -> dict[str, RelationInfo]:
@@ -87,13 +112,16 @@ def relation_infos(description: Mapping[str, Any]) -> dict[str, RelationInfo]:
 class _Joined:
     """Shared machinery of Cache and Follower: a subscription, a follower, re-dumps."""
 
-    def __init__(self, binding: Binding, connect: Callable[[str], RpcConnection]) -> None:
+    def __init__(self, binding: Binding, link: InstanceLink) -> None:
         self.binding = binding
-        self._connect = connect
+        self._link = link
         self.follower = ChannelFollower()
         self.ready = asyncio.Event()
         self.resyncs = 0
         self.malformed = 0
+        self.undecryptable = 0
+        self.rejected = 0
+        self.error: Exception | None = None
         self.closed = False
         self._sub: Subscription | None = None
         self._dump_task: asyncio.Task[None] | None = None
@@ -134,6 +162,9 @@ class _Joined:
         except BaseException:  # cancelled: leave nothing half-joined behind
             await asyncio.shield(self.close())
             raise
+        if self.error is not None:  # refused: no right to read, or the login failed
+            await self.close()
+            raise self.error
 
     def rebind(self, binding: Binding) -> None:
         """Move to new endpoints (the instance restarted or moved) and re-dump."""
@@ -148,6 +179,25 @@ class _Joined:
         self._request_dump()
 
     def _on_message(self, msg: ChannelMessage) -> None:
+        if isinstance(msg, SealedEvent):
+            session = self._link.channel_session(self.binding)
+            if session is None or not session.group.has(msg.epoch):
+                self.undecryptable += 1
+                if self.follower.state is FollowState.LIVE and (session is None or msg.epoch > max(session.group.epochs, default=0)):
+                    # keys we do not hold yet (a rekey we missed): fetch them and re-dump
+                    self.follower.resync(ResyncReason.GAP)
+                    self._note_resync(ResyncReason.GAP)
+                return
+            try:
+                msg = session.group.open(msg)
+            except DecryptionFailed:
+                self.rejected += 1
+                return
+        elif isinstance(msg, Rekey):
+            session = self._link.channel_session(self.binding)
+            if session is not None:
+                session.open_rekey(msg)
+            return
         res = self.follower.feed(msg)
         if res.batches:
             self._apply_batches(res.batches)
@@ -178,19 +228,30 @@ class _Joined:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(sub.welcomed.wait(), WELCOME_WAIT_S)
             self._again = False
+            call, binding = self._link.call_binding, self.binding
             try:
-                conn = self._connect(self.binding.rpc)
                 infos = self.infos
                 if self._layout_stale or not infos:
-                    group = await conn.call(self.schema, self.cell, "get_group", {}, DUMP_TIMEOUT_S)
+                    group = await call(binding, "get_group", {}, DUMP_TIMEOUT_S)
                     infos = relation_infos(group["schema"])
                     self._layout_stale = False
-                dump = await conn.call(self.schema, self.cell, "get_dump", {}, DUMP_TIMEOUT_S)
+                session = self._link.channel_session(binding)
+                if session is not None and session.level == "full":
+                    session.group.add(_group_keys(await call(binding, "get_keys", {}, DUMP_TIMEOUT_S)))
+                dump = await call(binding, "get_dump", {}, DUMP_TIMEOUT_S)
                 iid, seq, relations = _dump_parts(dump)
                 notify = self._install_dump(relations, infos)
                 self.infos = infos
             except asyncio.CancelledError:
                 raise
+            except (PermissionDenied, AuthenticationFailed) as exc:
+                if not self.ready.is_set():  # the join fails with it
+                    self.error = exc
+                    self.ready.set()
+                    return
+                log.warning("%s@%s: %s; retrying", self.schema, self.cell, exc)
+                await asyncio.sleep(RETRY_MAX_S)
+                continue
             except Exception as exc:  # unreachable, malformed, or rows that do not fit the layout
                 if isinstance(exc, TypeError):
                     self._layout_stale = True
@@ -247,8 +308,8 @@ class _Joined:
 class Cache(_Joined):
     """A live, read-only local copy of an instance's relations (see module docstring)."""
 
-    def __init__(self, binding: Binding, connect: Callable[[str], RpcConnection]) -> None:
-        super().__init__(binding, connect)
+    def __init__(self, binding: Binding, link: InstanceLink) -> None:
+        super().__init__(binding, link)
         self._tables: dict[str, dict[Key, Row]] = {}
         self._views: dict[str, Mapping[Key, Row]] = {}
         self._on_change: list[ChangeCallback] = []
@@ -413,11 +474,11 @@ class Follower(_Joined):
     def __init__(
         self,
         binding: Binding,
-        connect: Callable[[str], RpcConnection],
+        link: InstanceLink,
         on_batch: Callable[[Batch], None],
         on_dump: Callable[[Mapping[str, list[list[Any]]]], None] | None = None,
     ) -> None:
-        super().__init__(binding, connect)
+        super().__init__(binding, link)
         self._on_batch = on_batch
         self._on_dump = on_dump
 
@@ -432,4 +493,4 @@ class Follower(_Joined):
             self._call_back(self._on_batch, batch)
 
 
-__all__ = ["Binding", "Cache", "Follower", "RelationInfo"]
+__all__ = ["Binding", "Cache", "Follower", "InstanceLink", "RelationInfo"]

@@ -25,11 +25,14 @@ from typing import Any
 
 from .cache import Binding, Cache, Follower, _Joined
 from .config.model import SiteConfig
-from .errors import CallTimeout, NotFound, Unavailable
+from .errors import AuthenticationRequired, CallTimeout, NotFound, Unavailable
 from .protocol.channel import Batch
+from .security.guard import OPEN_UNDER_UPDATE
+from .security.session import ClientSession
+from .sessions import Credentials, SessionManager
 from .transport.rpc import RpcConnection
 
-__all__ = ["Client", "ServiceInfo", "DEFAULT_TIMEOUT_S", "NAMING_SCHEMA", "NAMING_CELL"]
+__all__ = ["Client", "Credentials", "ServiceInfo", "DEFAULT_TIMEOUT_S", "NAMING_SCHEMA", "NAMING_CELL"]
 
 DEFAULT_TIMEOUT_S = 5.0
 NAMING_SCHEMA = "UNaming::Registry"
@@ -51,14 +54,36 @@ class ServiceInfo:
     started: float
 
     def binding(self) -> Binding:
-        return Binding(self.schema, self.cell, self.rpc, self.events, self.instance_id)
+        return Binding(self.schema, self.cell, self.rpc, self.events, self.instance_id, self.protection)
+
+
+def needs_session(level: str, operation: str) -> bool:
+    """Whether ``operation`` at ``level`` is sent inside a session (DESIGN.md §5)."""
+    if level == "full":
+        return True
+    return level == "update" and operation not in OPEN_UNDER_UPDATE
 
 
 class Client:
-    """An asyncio client of one site; see the module docstring."""
+    """An asyncio client of one site; see the module docstring.
 
-    def __init__(self, core_rpc: str, core_events: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    ``credentials`` is who the client logs in as where an instance's level needs a
+    session (``Credentials.password(user, password)``); without them it logs in as
+    ``default`` with the empty password. ``site`` is the site name bound into every
+    login (``for_site`` sets it; without it the name an instance states is used).
+    """
+
+    def __init__(
+        self,
+        core_rpc: str,
+        core_events: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        credentials: Credentials | None = None,
+        site: str | None = None,
+    ) -> None:
         self.timeout_s = timeout_s
+        self.sessions = SessionManager(credentials, site=site)
         self._naming_binding = Binding(NAMING_SCHEMA, NAMING_CELL, core_rpc, core_events)
         self._conns: dict[str, RpcConnection] = {}
         self._naming: Cache | None = None
@@ -67,8 +92,11 @@ class Client:
         self.closed = False
 
     @classmethod
-    def for_site(cls, site: SiteConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Client:
-        return cls(site.core.rpc_endpoint, site.core.event_endpoint, timeout_s=timeout_s)
+    def for_site(
+        cls, site: SiteConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, credentials: Credentials | None = None
+    ) -> Client:
+        return cls(site.core.rpc_endpoint, site.core.event_endpoint, timeout_s=timeout_s,
+                   credentials=credentials, site=site.name)
 
     async def __aenter__(self) -> Client:
         return self
@@ -104,7 +132,7 @@ class Client:
             raise CallTimeout(f"could not join {NAMING_SCHEMA} at {NAMING_CELL} within {timeout:.3g} s") from None
         try:
             if self._naming is None:
-                cache = Cache(self._naming_binding, self._connection)
+                cache = Cache(self._naming_binding, self)
                 await cache._start(self._remaining(deadline))
                 cache.on_change(self._registry_changed)
                 self._naming = cache
@@ -118,13 +146,15 @@ class Client:
         if new is None:  # deregistered: its connection has nobody left to talk to
             self._drop_connection(old.rpc)
             return
-        binding = Binding(new.schema, new.cell, new.rpc, new.events, new.instance_id)
+        binding = Binding(new.schema, new.cell, new.rpc, new.events, new.instance_id, new.protection)
         for joined in self._joined:
             b = joined.binding
             if (b.schema, b.cell) == (binding.schema, binding.cell) and (
                 b.instance_id != binding.instance_id or b.rpc != binding.rpc or b.events != binding.events
             ):
                 joined.rebind(binding)
+            elif (b.schema, b.cell) == (binding.schema, binding.cell) and b.protection != binding.protection:
+                joined.binding = binding  # the level changed: the next dump follows it
         if old is not None and old.rpc != new.rpc:
             self._drop_connection(old.rpc)
 
@@ -195,13 +225,44 @@ class Client:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         if (schema, cell) == (NAMING_SCHEMA, NAMING_CELL):
-            rpc = self._naming_binding.rpc
-        else:  # the endpoint is all a call needs: no ServiceInfo built per call
-            rpc = (await self._registration(cell, schema, 0.0, timeout)).rpc
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise CallTimeout(f"no time left to call {operation} on {schema} at {cell}")
-        return await self._connection(rpc).call(schema, cell, operation, args, remaining)
+            rpc, level = self._naming_binding.rpc, "open"
+        else:  # the endpoint and level are all a call needs: no ServiceInfo built per call
+            row = await self._registration(cell, schema, 0.0, timeout)
+            rpc, level = row.rpc, row.protection
+        return await self._call(rpc, schema, cell, level, operation, args, deadline)
+
+    async def _call(
+        self, rpc: str, schema: str, cell: str, level: str, operation: str, args: Mapping[str, Any], deadline: float
+    ) -> Any:
+        """One call, sealed where the level (or a session already held) says so. An
+        instance that answers ``auth_required`` (a session expired, the instance restarted
+        or raised its level) gets one new login and the call again."""
+        conn = self._connection(rpc)
+        sealed = needs_session(level, operation) or self.sessions.held(rpc, schema, cell)
+        for attempt in (1, 2):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CallTimeout(f"no time left to call {operation} on {schema} at {cell}")
+            try:
+                if not sealed:
+                    return await conn.call(schema, cell, operation, args, remaining)
+                session = await self.sessions.session(conn, schema, cell, remaining)
+                return await conn.call(schema, cell, operation, args, max(0.001, deadline - time.monotonic()), session)
+            except AuthenticationRequired:
+                if attempt == 2:
+                    raise
+                self.sessions.drop(rpc, schema, cell)
+                sealed = True
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- what caches need (cache.InstanceLink) --------------------------------------------
+
+    async def call_binding(self, binding: Binding, operation: str, args: Mapping[str, Any], timeout_s: float) -> Any:
+        return await self._call(binding.rpc, binding.schema, binding.cell, binding.protection, operation, args,
+                                time.monotonic() + timeout_s)
+
+    def channel_session(self, binding: Binding) -> ClientSession | None:
+        return self.sessions.current(binding.rpc, binding.schema, binding.cell)
 
     async def describe(self, cell: str, schema: str, *, timeout_s: float | None = None) -> dict[str, Any]:
         """The running instance's ``get_group``: instance id, sequence, protection, epoch,
@@ -215,7 +276,7 @@ class Client:
         """Join (schema, cell) and keep a live local copy of its relations."""
         deadline = self._deadline(timeout_s)
         info = await self.find(cell, schema, timeout_s=self._remaining(deadline))
-        cache = Cache(info.binding(), self._connection)
+        cache = Cache(info.binding(), self)
         await self._track(cache, self._remaining(deadline))
         return cache
 
@@ -231,7 +292,7 @@ class Client:
         """Receive delta batches of (schema, cell) without caching them."""
         deadline = self._deadline(timeout_s)
         info = await self.find(cell, schema, timeout_s=self._remaining(deadline))
-        follower = Follower(info.binding(), self._connection, on_batch, on_dump)
+        follower = Follower(info.binding(), self, on_batch, on_dump)
         await self._track(follower, self._remaining(deadline))
         return follower
 

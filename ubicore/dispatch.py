@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import (
+    AuthenticationFailed,
     BadArguments,
+    DecryptionFailed,
     ConstraintViolation,
     NotFound,
     ProtocolError,
@@ -37,11 +39,15 @@ from .protocol.codec import (
     encode_error,
     encode_reply_packed,
     pack,
-    parse_request,
+    parse_client_message,
     unpack,
 )
-from .protocol.messages import INSTANCE_ID_BYTES, MAGIC, Change, Request
+from .protocol.messages import INSTANCE_ID_BYTES, MAGIC, Change, Request, Sealed
 from .schema import INT64_MAX, INT64_MIN, OperationSpec, OpKind, Param, Protection, Schema
+from .config.model import SecurityConfig
+from .security.guard import AUTH_OPERATIONS, SessionGuard
+from .security.policy import SecurityPolicy, StaticPolicy
+from .security.session import ServerSession
 from .store import Store, Transaction
 
 log = logging.getLogger(__name__)
@@ -71,6 +77,7 @@ class InstanceStats:
     commits: int = 0
     changes: int = 0
     deltas_sent: int = 0
+    rejected: int = 0
 
 
 def check_arguments(spec: OperationSpec, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -115,30 +122,46 @@ class InstanceCore:
         protection: Protection | None = None,
         instance_id: bytes | None = None,
         on_commit: Callable[[], None] | None = None,
+        policy: SecurityPolicy | None = None,
+        security: SecurityConfig = SecurityConfig(),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.schema = schema
         self.cell = cell
         self.store = store
         self.obj = schema(cell, options)
-        self.protection = protection or schema.default_protection
         self.instance_id = instance_id or os.urandom(INSTANCE_ID_BYTES)
+        self.policy: SecurityPolicy = policy or StaticPolicy("")
+        self.configured_protection = protection or schema.default_protection
+        level = self.policy.level(schema.schema_name) or self.configured_protection
+        self.guard = SessionGuard(schema.schema_name, cell, self.instance_id, level, self.policy,
+                                  settings=security, clock=clock)
         self.sequencer = ChannelSequencer(self.instance_id)
         self.stats = InstanceStats()
         self.started = time.time()
         self.endpoints: dict[str, str] = {}
-        self.epoch = 0
         self._on_commit = on_commit or (lambda: None)
 
     @property
     def name(self) -> str:
         return self.schema.schema_name
 
+    @property
+    def protection(self) -> Protection:
+        """The level the instance runs at now (it can change while it runs)."""
+        return self.guard.level
+
+    @property
+    def epoch(self) -> int:
+        return self.guard.epoch
+
     # --- requests ------------------------------------------------------------------------
 
-    def handle(self, frames: list[bytes]) -> list[bytes] | None:
-        """Answer one request's frames with reply frames (None: dropped)."""
+    def handle(self, frames: list[bytes], peer: bytes = b"") -> list[bytes] | None:
+        """Answer one request's frames with reply frames (None: dropped). ``peer`` names
+        the connection it came on (the ROUTER identity), for the login caps."""
         try:
-            req = parse_request(frames)
+            msg = parse_client_message(frames)
         except ProtocolError as exc:
             self.stats.malformed += 1
             log.debug("%s@%s: malformed request dropped: %s", self.name, self.cell, exc)
@@ -146,22 +169,62 @@ class InstanceCore:
             if corr is None:
                 return None
             return encode_error(corr, RemoteProtocolError.code, str(exc), {})
+        if type(msg) is Sealed:
+            return self._handle_sealed(msg)
+        assert isinstance(msg, Request)
         self.stats.requests += 1
         try:
-            return encode_reply_packed(req.corr_id, self.execute(req))
+            if msg.operation in AUTH_OPERATIONS:
+                return encode_reply_packed(msg.corr_id, self._login(msg, peer))
+            return encode_reply_packed(msg.corr_id, self.execute(msg))
         except RemoteError as err:
-            self.stats.errors += 1
-            log.debug("%s@%s: %s -> %s: %s", self.name, self.cell, req.operation, err.code, err.message)
-            try:
-                detail = {str(k): v for k, v in err.detail.items()}  # receivers take string keys only
-                return encode_error(req.corr_id, err.code, str(err.message), detail)
-            except ValueError:  # a detail that cannot travel: send the rest
-                return encode_error(req.corr_id, err.code, str(err.message), {})
+            return self._error(msg, err)
 
-    def execute(self, req: Request) -> bytes:
+    def _handle_sealed(self, msg: Sealed) -> list[bytes] | None:
+        try:
+            session, req = self.guard.open(msg)
+        except DecryptionFailed:
+            self.stats.rejected += 1
+            log.debug("%s@%s: a sealed request did not open; dropped", self.name, self.cell)
+            return None
+        except RemoteError as err:  # no session: answered in the clear
+            self.stats.errors += 1
+            return encode_error(msg.corr_id, err.code, err.message, err.detail)
+        self.stats.requests += 1
+        try:
+            if req.operation in AUTH_OPERATIONS:
+                raise BadArguments(f"{req.operation} is not sent inside a session")
+            reply = encode_reply_packed(req.corr_id, self.execute(req, session))
+        except RemoteError as err:
+            reply = self._error(req, err)
+        return self.guard.seal_reply(session, reply, req.corr_id)
+
+    def _error(self, req: Request, err: RemoteError) -> list[bytes]:
+        self.stats.errors += 1
+        log.debug("%s@%s: %s -> %s: %s", self.name, self.cell, req.operation, err.code, err.message)
+        try:
+            detail = {str(k): v for k, v in err.detail.items()}  # receivers take string keys only
+            return encode_error(req.corr_id, err.code, str(err.message), detail)
+        except ValueError:  # a detail that cannot travel: send the rest
+            return encode_error(req.corr_id, err.code, str(err.message), {})
+
+    def _login(self, req: Request, peer: bytes) -> bytes:
+        if req.schema != self.name or req.cell != self.cell:
+            raise NotFound(f"this endpoint serves {self.name} at {self.cell}, not {req.schema} at {req.cell}")
+        if req.operation == "auth_hello":
+            return pack(self.guard.hello(peer, req.args))
+        try:
+            return pack(self.guard.confirm(peer, req.args))
+        except AuthenticationFailed:
+            log.info("%s@%s: a login failed", self.name, self.cell)
+            raise
+
+    def execute(self, req: Request, session: ServerSession | None = None) -> bytes:
         """Run a request; its result, packed. Raises the typed error to answer with."""
         if req.schema != self.name or req.cell != self.cell:
             raise NotFound(f"this endpoint serves {self.name} at {self.cell}, not {req.schema} at {req.cell}")
+        spec = self.schema.operations.get(req.operation)
+        self.guard.admit(session, req.operation, spec is not None and spec.kind is OpKind.UPDATE)
         match req.operation:
             # Built-in results are ours (string keys throughout): no key check, which
             # for a dump would mean unpacking megabytes again.
@@ -170,8 +233,9 @@ class InstanceCore:
             case "get_group":
                 return pack_result(self.group(), check_keys=False)
             case "get_stats":
-                return pack_result(asdict(self.stats), check_keys=False)
-        spec = self.schema.operations.get(req.operation)
+                return pack_result({**asdict(self.stats), "security": asdict(self.guard.stats)}, check_keys=False)
+            case "get_keys":
+                return pack_result(self.guard.group_keys_for(session), check_keys=False)
         if spec is None:
             raise NotFound(f"{self.name} has no operation {req.operation!r}")
         args = check_arguments(spec, req.args)

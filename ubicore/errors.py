@@ -8,6 +8,7 @@
     ├── ProtocolError              bytes that are not a valid ubicore message
     ├── StoreError                 the embedded database failed or holds foreign data
     ├── ConstraintViolation        an operation broke a relation's key or column rules
+    ├── DecryptionFailed           a sealed message did not open (tampered, replayed, wrong key)
     └── RemoteError                an operation call failed; ``code`` is its wire code
         ├── NotFound               no such schema, cell or operation
         ├── BadArguments           arguments missing, unknown or of the wrong type
@@ -35,6 +36,7 @@ __all__ = [
     "CallTimeout",
     "ConfigError",
     "ConstraintViolation",
+    "DecryptionFailed",
     "NotFound",
     "PermissionDenied",
     "ProtocolError",
@@ -86,6 +88,15 @@ class StoreError(UbiError):
 class ConstraintViolation(UbiError):
     """Raised inside an operation that inserts a duplicate key, updates a missing row or
     gives a column a value of the wrong type. The transaction is rolled back."""
+
+
+class DecryptionFailed(UbiError):
+    """Raised when a sealed message does not open: tampered, truncated, replayed, stale,
+    or sealed under a key this side does not hold. Receivers drop it and count it; the
+    text never says which check failed."""
+
+    def __init__(self, message: str = "decryption failed") -> None:
+        super().__init__(message)
 
 
 class RemoteError(UbiError):

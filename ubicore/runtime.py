@@ -21,6 +21,7 @@ from .config.model import InstancePlan, SiteConfig
 from .dispatch import InstanceCore
 from .errors import ConfigError, RemoteError, SchemaError
 from .schema import Protection, Schema, registered_schemas
+from .security.policy import FileSecurityStore, SecurityPolicy
 from .service import DEFAULT_HEARTBEAT_S, InstanceServer
 from .store import Store, udata_path
 
@@ -55,13 +56,25 @@ def resolve_schema(site: SiteConfig, name: str) -> type[Schema]:
     return cls
 
 
-def make_core(site: SiteConfig, plan: InstancePlan, schema: type[Schema]) -> InstanceCore:
+def site_policy(site: SiteConfig) -> FileSecurityStore:
+    """The security store of the site's dataset (users, schema levels)."""
+    return FileSecurityStore(site.dataset, site.name)
+
+
+def make_core(
+    site: SiteConfig, plan: InstancePlan, schema: type[Schema], policy: SecurityPolicy | None = None
+) -> InstanceCore:
     path = udata_path(site.dataset, plan.cell, plan.schema) if any(
         r.persistent for r in schema.relations.values()
     ) else None
     store = Store(schema, path)
     protection = Protection(plan.protection) if plan.protection else None
-    return InstanceCore(schema, plan.cell, store, options=plan.options, protection=protection)
+    try:
+        return InstanceCore(schema, plan.cell, store, options=plan.options, protection=protection,
+                            policy=policy or site_policy(site), security=site.security)
+    except BaseException:
+        store.close()
+        raise
 
 
 @contextlib.asynccontextmanager
@@ -69,7 +82,10 @@ async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT
     """Run the naming registry on the site's core endpoints while the block runs."""
     registry = resolve_schema(site, NAMING_SCHEMA)
     plan = InstancePlan(NAMING_SCHEMA, NAMING_CELL, site.core.host, None, {})
-    core = make_core(site, plan, registry)
+    store = site_policy(site)
+    if store.init():
+        log.info("created the security store %s (user default, read)", store.path)
+    core = make_core(site, plan, registry, store)
     server = InstanceServer(
         core, address=site.core.address, rpc_port=site.core.rpc_port, event_port=site.core.event_port,
         heartbeat_s=heartbeat_s,
@@ -106,25 +122,32 @@ async def _register(client: Client, plan: InstancePlan, server: InstanceServer) 
 
 
 async def _keep_registered(client: Client, plan: InstancePlan, server: InstanceServer) -> None:
-    """Register, then re-register whenever naming lost us (a core restart)."""
+    """Register, then re-register whenever naming lost us (a core restart) or our level
+    changed (clients learn it from naming)."""
+    wake = asyncio.Event()
+    server.on_level_change = lambda level: wake.set()
     while True:
+        wake.clear()
         try:
             row = (await client.naming()).table("instances").get((plan.schema, plan.cell))
-            if row is None or row.instance_id != server.core.instance_id:  # type: ignore[attr-defined]
+            if (row is None or row.instance_id != server.core.instance_id  # type: ignore[attr-defined]
+                    or row.protection != server.core.protection.value):  # type: ignore[attr-defined]
                 await _register(client, plan, server)
-                log.info("%s@%s registered with naming", plan.schema, plan.cell)
+                log.info("%s@%s registered with naming (%s)", plan.schema, plan.cell, server.core.protection.value)
         except RemoteError as exc:
             log.warning("%s@%s: naming unreachable (%s); retrying", plan.schema, plan.cell, exc)
-        await asyncio.sleep(REGISTRATION_CHECK_S)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wake.wait(), REGISTRATION_CHECK_S)
 
 
 @contextlib.asynccontextmanager
 async def serve_instance(
-    site: SiteConfig, plan: InstancePlan, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S
+    site: SiteConfig, plan: InstancePlan, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+    policy: SecurityPolicy | None = None,
 ) -> AsyncIterator[InstanceServer]:
     """Run one planned instance, registered with naming, while the block runs."""
     schema = resolve_schema(site, plan.schema)
-    core = make_core(site, plan, schema)
+    core = make_core(site, plan, schema, policy)
     server = InstanceServer(core, address=site.hosts[plan.host].address, heartbeat_s=heartbeat_s)
     await _start_or_close(server)
     client = Client.for_site(site)

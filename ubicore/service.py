@@ -6,6 +6,11 @@ message (at most ``MAX_COALESCED_BATCHES`` batches each), which is how the chann
 one-message-per-event. Heartbeats, sent after any pending delta, carry the last
 sequence so that followers notice a lost tail. The PUB socket never blocks: a subscriber
 that falls past its high-water mark loses messages, notices the gap and re-dumps.
+
+At ``full`` protection every delta and heartbeat leaves sealed under the group key
+(:class:`~ubicore.security.guard.SessionGuard`). A security tick re-reads the policy
+(level changes move the instance to a new epoch; lost rights rotate the group key away
+from the sessions that lost them), expires sessions and rotates the group key when due.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .dispatch import InstanceCore
 from .protocol.codec import HEADER_WELCOME, encode_delta_batches, encode_heartbeat
 from .protocol.messages import Heartbeat
+from .schema import Protection
+from .security.session import ServerSession
 from .store import Transaction
 from .transport.sockets import Pump, bind_retrying, make_publisher, make_router
 
@@ -31,6 +38,8 @@ PUB_HWM = 100_000
 """Messages queued per subscriber before the channel drops (each up to 256 batches)."""
 ROUTER_HWM = 100_000
 """Replies queued per caller before they are dropped (the caller then times out)."""
+SECURITY_TICK_S = 0.25
+"""How often the policy is re-read and sessions, logins and key rotation are checked."""
 
 
 def _discard(frames: list[bytes]) -> None:
@@ -94,6 +103,7 @@ class InstanceServer:
         self._flush_scheduled = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.on_level_change: Callable[[Protection], None] | None = None
         core._on_commit = self._committed
 
     def transaction(self) -> contextlib.AbstractContextManager[Transaction]:
@@ -125,6 +135,7 @@ class InstanceServer:
         self.core.endpoints.update(rpc=rpc, events=events)
         self._router = Pump(router, self._on_request, self._loop)
         self._tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeats"))
+        self._tasks.append(asyncio.create_task(self._security(), name="security"))
         if hasattr(self.core.obj, "run"):
             self._tasks.append(asyncio.create_task(self._run_schema(), name="schema-run"))
         log.info("%s@%s serving rpc %s events %s", self.core.name, self.core.cell, rpc, events)
@@ -141,7 +152,7 @@ class InstanceServer:
         if len(frames) < 2:
             self.core.stats.malformed += 1
             return
-        reply = self.core.handle(frames[1:])
+        reply = self.core.handle(frames[1:], frames[0])
         if reply is not None and self._router is not None:
             try:
                 self._router.send([frames[0], *reply])
@@ -164,14 +175,68 @@ class InstanceServer:
         if taken is None:
             return
         frames = encode_delta_batches(self.core.instance_id, taken[0], taken[1])
-        self._pub.send(frames)
+        self._publish(self.core.guard.seal_event(frames))
         self.core.stats.deltas_sent += 1
+
+    def _publish(self, messages: list[list[bytes]]) -> None:
+        if self._pub is not None:
+            for frames in messages:
+                self._pub.send(frames)
 
     def heartbeat(self) -> None:
         self.flush()
         if self._pub is not None:
             hb = Heartbeat(self.core.instance_id, self.core.sequencer.seq)
-            self._pub.send(encode_heartbeat(hb))
+            self._publish(self.core.guard.seal_event(encode_heartbeat(hb)))
+
+    # --- security ---------------------------------------------------------------------------
+
+    def rotate_group_key(
+        self, reason: str = "on demand", *, entitled: Callable[[ServerSession], bool] | None = None
+    ) -> None:
+        """Rotate the channel's group key now (``full`` only). With ``entitled``, only the
+        sessions it accepts get the new key: the others cannot read a single event
+        published after this call."""
+        self.flush()  # what was committed before the rotation goes under the old key
+        self._publish(self.core.guard.rotate(reason, entitled=entitled))
+
+    def revoke(self, session_ids: set[bytes] | frozenset[bytes], reason: str = "revoked") -> None:
+        """End these sessions and rotate the group key away from them."""
+        self.flush()
+        self._publish(self.core.guard.revoke(session_ids, reason))
+
+    def set_level(self, level: Protection) -> bool:
+        """Move to another protection level now (a new epoch; clients log in again)."""
+        self.flush()
+        changed = self.core.guard.set_level(level)
+        if changed and self.on_level_change is not None:
+            self.on_level_change(level)
+        return changed
+
+    def security_tick(self) -> None:
+        """Re-read the policy and apply it; expire sessions; rotate when due."""
+        core = self.core
+        try:
+            changed = core.policy.refresh()
+        except Exception as exc:  # a broken store must not stop the instance; keep the last good one
+            log.error("%s@%s: security policy not re-read: %s", core.name, core.cell, exc)
+            changed = False
+        if changed:
+            self.set_level(core.policy.level(core.name) or core.configured_protection)
+            self.flush()
+            self._publish(core.guard.reevaluate())
+        tick = core.guard.tick()
+        if tick:
+            self.flush()
+            self._publish(tick)
+
+    async def _security(self) -> None:
+        while True:
+            await asyncio.sleep(SECURITY_TICK_S)
+            try:
+                self.security_tick()
+            except Exception:
+                log.exception("%s@%s: security tick failed", self.core.name, self.core.cell)
 
     async def _heartbeats(self) -> None:
         while True:

@@ -50,11 +50,16 @@ async def test_dump_is_requested_only_after_the_subscription_is_welcomed(tmp_pat
     readers = [router]
     conns: list[RpcConnection] = []
 
-    def connect(endpoint: str) -> RpcConnection:
-        conns.append(RpcConnection(endpoint))
-        return conns[-1]
+    class Link:  # a clear link: the fake instance is open
+        async def call_binding(self, b: Binding, op: str, args: Any, timeout_s: float) -> Any:
+            if not conns:
+                conns.append(RpcConnection(b.rpc))
+            return await conns[0].call(b.schema, b.cell, op, args, timeout_s)
 
-    cache = Cache(Binding(COUNTER, "Site", rpc_ep, events_ep), connect)
+        def channel_session(self, b: Binding) -> None:
+            return None
+
+    cache = Cache(Binding(COUNTER, "Site", rpc_ep, events_ep), Link())
     try:
         start = asyncio.create_task(cache._start(5.0))
         await asyncio.sleep(PUBLISHER_LATE_S)  # the publisher is late: the SUB cannot subscribe yet

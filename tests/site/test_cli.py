@@ -8,14 +8,27 @@ import pytest
 from click.testing import CliRunner, Result
 
 from ubicore.testing.processes import LiveSite
+from ubicore.testing.site import OPERATOR
 from ubicore.tools.cli import cli
 
 CONFIG = "ULocationSystem::ConfigurationUpdate"
 pytestmark = pytest.mark.timeout(60)
 
 
-def ubi(live_site: LiveSite, *args: str) -> Result:
-    return CliRunner().invoke(cli, ["--site", str(live_site.path), *args], catch_exceptions=False)
+def ubi(live_site: LiveSite, *args: str, user: tuple[str, str] | None = OPERATOR) -> Result:
+    env = {"UBI_USER": user[0], "UBI_PASSWORD": user[1]} if user else {"UBI_USER": "", "UBI_PASSWORD": None}
+    return CliRunner().invoke(cli, ["--site", str(live_site.path), *args], catch_exceptions=False, env=env)
+
+
+def test_an_update_needs_a_user_with_the_update_right(live_site: LiveSite) -> None:
+    args = ("call", "Site", CONFIG, "set_rate", "sensor=S-002", "rate_hz=3")
+    anonymous = ubi(live_site, *args, user=None)
+    assert anonymous.exit_code == 1
+    assert anonymous.output.strip() == f"ubi: permission_denied: default may not update {CONFIG} at Site"
+    wrong = ubi(live_site, *args, user=(OPERATOR[0], "not-the-password"))
+    assert (wrong.exit_code, wrong.output.strip()) == (1, "ubi: auth_failed: authentication failed")
+    assert "Traceback" not in anonymous.output + wrong.output
+    assert ubi(live_site, *args).exit_code == 0
 
 
 def test_services_lists_every_instance_with_state(live_site: LiveSite) -> None:
@@ -52,7 +65,8 @@ def test_call_converts_arguments_by_declared_type_and_prints_result(live_site: L
     ],
 )
 def test_call_errors_are_one_line_and_nonzero(live_site: LiveSite, args: tuple[str, ...], expected: str) -> None:
-    res = CliRunner().invoke(cli, ["--site", str(live_site.path), "call", "Site", CONFIG, *args])
+    res = CliRunner().invoke(cli, ["--site", str(live_site.path), "call", "Site", CONFIG, *args],
+                             env={"UBI_USER": OPERATOR[0], "UBI_PASSWORD": OPERATOR[1]})
     assert res.exit_code == 1
     assert res.exception is None or isinstance(res.exception, SystemExit)
     out = res.output.strip()

@@ -137,7 +137,10 @@ def test_blocking_facade_against_the_live_site(live_site: LiveSite) -> None:
     from ubicore.blocking import BlockingClient
     from ubicore.errors import NotFound
 
-    with BlockingClient.for_site(live_site.site) as client:
+    from ubicore.sessions import Credentials
+    from ubicore.testing.site import OPERATOR
+
+    with BlockingClient.for_site(live_site.site, credentials=Credentials.password(*OPERATOR)) as client:
         assert client.find("Site", CONFIG).host == "host-a"
         client.call("Site", CONFIG, "set_sink", sensor="S-003", sink="udp://sink-1")
         cache = client.cache("Site", CONFIG)

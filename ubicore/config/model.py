@@ -86,6 +86,16 @@ class CoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """The site file's ``security`` section: session lifetime and group-key rotation."""
+
+    session_ttl_s: float = 3600.0
+    rotation_s: float = 3600.0
+    rotate_after_messages: int = 2**31
+    pending_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class SiteConfig:
     """A parsed site file. ``cells`` iterates in depth-first tree order; ``instances``
     in deployment order, then tree order. Queries raise ``ValueError`` for unknown names."""
@@ -100,6 +110,7 @@ class SiteConfig:
     cells: Mapping[str, CellConfig]
     deployments: tuple[Deployment, ...]
     instances: tuple[InstancePlan, ...]
+    security: SecurityConfig = SecurityConfig()
 
     def _cell(self, name: str) -> CellConfig:
         cell = self.cells.get(name)

@@ -24,6 +24,10 @@ which schemas are deployed where::
             children:
               Zone-A: {level: zone}
               Zone-B: {level: zone, host: host-b}
+    security:                       # optional; every key optional
+      session_ttl_s: 3600           # a session lives this long, then clients log in again
+      rotation_s: 3600              # full channels get a new group key this often
+      rotate_after_messages: 2147483648   # ... and after this many events (< 2^32)
     deployments:                    # optional list
       - schema: ULocationSystem::ConfigurationUpdate   # Module::Schema
         level: site                 # exactly one of level / cell
@@ -65,6 +69,7 @@ from ubicore.config.model import (
     Deployment,
     HostConfig,
     InstancePlan,
+    SecurityConfig,
     SiteConfig,
 )
 from ubicore.errors import ConfigError
@@ -216,7 +221,7 @@ class _Parser:
 
     def site(self, doc: Any) -> SiteConfig:
         top = self.record(doc, "", ("site", "dataset", "core", "hosts", "cells"),
-                          ("imports", "levels", "deployments"))
+                          ("imports", "levels", "deployments", "security"))
         name = self.name(top["site"], "site", "site")
         dataset = self.string(top["dataset"], "dataset")
         if not dataset or "\0" in dataset:
@@ -229,12 +234,30 @@ class _Parser:
         cells = self.cells(top["cells"], hosts, declared)
         levels = declared or tuple(dict.fromkeys(c.level for c in cells.values()))
         deployments, instances = self.deployments(top.get("deployments", []), cells, levels)
+        security = self.security(top.get("security", {}))
         base = Path(self.file).parent
         return SiteConfig(
             name=name, source=Path(self.file),
             dataset=Path(os.path.abspath(base / dataset)), imports=imports, core=core,
             hosts=MappingProxyType(hosts), levels=levels, cells=MappingProxyType(cells),
-            deployments=deployments, instances=instances)
+            deployments=deployments, instances=instances, security=security)
+
+    def security(self, value: Any) -> SecurityConfig:
+        keys = ("session_ttl_s", "rotation_s", "rotate_after_messages")
+        data = self.record(value, "security", (), keys)
+        out: dict[str, Any] = {}
+        for key in ("session_ttl_s", "rotation_s"):
+            if key in data:
+                v = data[key]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 10**9:
+                    self.fail(f"security.{key}", f"expected seconds > 0, got {v!r}")
+                out[key] = float(v)
+        if "rotate_after_messages" in data:
+            v = data["rotate_after_messages"]
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**32:
+                self.fail("security.rotate_after_messages", f"expected an integer 1..2^32-1, got {v!r}")
+            out["rotate_after_messages"] = v
+        return SecurityConfig(**out)
 
     def unique_list(self, value: Any, path: str, what: str, pattern: re.Pattern[str],
                     allow_empty: bool) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .messages import Change, ChannelMessage, Delta, Heartbeat, Welcome
+from .messages import Change, Delta, Heartbeat, PlainChannelMessage, Welcome
 
 MAX_BUFFERED_BATCHES = 1_000_000
 """While a dump is in flight, at most this many batches wait; past it the whole buffer
@@ -77,7 +77,7 @@ class ChannelFollower:
     _buffer: list[Delta] = field(default_factory=list)
     _buffered: int = 0
 
-    def feed(self, msg: ChannelMessage) -> FeedResult:
+    def feed(self, msg: PlainChannelMessage) -> FeedResult:
         if isinstance(msg, Welcome):
             return _NOTHING  # for the owner's join timing; no state
         if self.state is FollowState.SYNCING:

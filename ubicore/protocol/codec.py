@@ -30,9 +30,13 @@ from .messages import (
     ErrorReply,
     Heartbeat,
     Kind,
+    Rekey,
     Reply,
     Request,
+    Sealed,
+    SealedEvent,
     ServerMessage,
+    SESSION_ID_BYTES,
     Welcome,
 )
 
@@ -46,6 +50,10 @@ HEADER_ERROR = _HEADERS[Kind.ERROR]
 HEADER_DELTA = _HEADERS[Kind.DELTA]
 HEADER_HEARTBEAT = _HEADERS[Kind.HEARTBEAT]
 HEADER_WELCOME = _HEADERS[Kind.WELCOME]
+HEADER_SEALED_REQUEST = _HEADERS[Kind.SEALED_REQUEST]
+HEADER_SEALED_REPLY = _HEADERS[Kind.SEALED_REPLY]
+HEADER_SEALED_EVENT = _HEADERS[Kind.SEALED_EVENT]
+HEADER_REKEY = _HEADERS[Kind.REKEY]
 _WELCOME = Welcome()
 
 _packb = msgpack.Packer(use_bin_type=True, strict_types=False).pack
@@ -131,16 +139,17 @@ def _instance_id(value: Any) -> bytes:
 
 
 def encode_request(req: Request) -> list[bytes]:
-    return [
-        HEADER_REQUEST,
-        pack([req.corr_id, req.schema, req.cell, req.operation, dict(req.args), req.timeout_ms]),
-    ]
+    return [HEADER_REQUEST, request_body(req)]
 
 
 def parse_request(frames: Sequence[bytes]) -> Request:
     kind, body = _split(frames)
     if kind is not Kind.REQUEST:
         raise ProtocolError(f"expected a request, got {kind.name.lower()}")
+    return _request_body(body)
+
+
+def _request_body(body: Any) -> Request:
     corr, schema, cell, op, args, timeout_ms = _array(body, 6, "request")
     return Request(
         _uint(corr, "corr_id"),
@@ -165,8 +174,7 @@ def encode_error(corr_id: int, code: str, message: str, detail: Mapping[str, Any
     return [HEADER_ERROR, pack([corr_id, code, message, dict(detail)])]
 
 
-def parse_server_message(frames: Sequence[bytes]) -> ServerMessage:
-    kind, body = _split(frames)
+def _server_body(kind: Kind, body: Any) -> ServerMessage:
     if kind is Kind.REPLY:
         corr, result = _array(body, 2, "reply")
         return Reply(_uint(corr, "corr_id"), result)
@@ -176,6 +184,93 @@ def parse_server_message(frames: Sequence[bytes]) -> ServerMessage:
             _uint(corr, "corr_id"), _str(code, "code"), _str(message, "message"), _map(detail, "detail")
         )
     raise ProtocolError(f"expected a reply, got {kind.name.lower()}")
+
+
+def parse_server_message(frames: Sequence[bytes]) -> ServerMessage | Sealed:
+    kind, body = _split(frames)
+    if kind is Kind.SEALED_REPLY:
+        return _sealed(body)
+    return _server_body(kind, body)
+
+
+# --- sealed messages (the outer layer; ubicore.security.session opens them) -------------
+
+
+def _bin(value: Any, what: str) -> bytes:
+    if type(value) is not bytes:
+        raise ProtocolError(f"{what} must be binary")
+    return value
+
+
+def _session_id(value: Any) -> bytes:
+    if type(value) is not bytes or len(value) != SESSION_ID_BYTES:
+        raise ProtocolError(f"session id must be {SESSION_ID_BYTES} bytes")
+    return value
+
+
+def _sealed(body: Any) -> Sealed:
+    sid, counter, corr, ct = _array(body, 4, "sealed message")
+    return Sealed(_session_id(sid), _uint(counter, "counter"), _uint(corr, "corr_id"), _bin(ct, "ciphertext"))
+
+
+def encode_sealed_request(msg: Sealed) -> list[bytes]:
+    return [HEADER_SEALED_REQUEST, pack([msg.session_id, msg.counter, msg.corr_id, msg.ciphertext])]
+
+
+def encode_sealed_reply(msg: Sealed) -> list[bytes]:
+    return [HEADER_SEALED_REPLY, pack([msg.session_id, msg.counter, msg.corr_id, msg.ciphertext])]
+
+
+def parse_client_message(frames: Sequence[bytes]) -> Request | Sealed:
+    """A request, clear or sealed (the instance's side of the RPC socket)."""
+    kind, body = _split(frames)
+    if kind is Kind.SEALED_REQUEST:
+        return _sealed(body)
+    if kind is not Kind.REQUEST:
+        raise ProtocolError(f"expected a request, got {kind.name.lower()}")
+    return _request_body(body)
+
+
+def request_body(req: Request) -> bytes:
+    """The msgpack body of a request (the plaintext of a sealed one)."""
+    return pack([req.corr_id, req.schema, req.cell, req.operation, dict(req.args), req.timeout_ms])
+
+
+def parse_request_body(body: bytes) -> Request:
+    return _request_body(unpack(body))
+
+
+def inner_bytes(frames: Sequence[bytes]) -> bytes:
+    """A clear message's frames as one plaintext: the kind byte, then the body."""
+    return bytes(frames[0][3:4]) + bytes(frames[1])
+
+
+def parse_inner_reply(plaintext: bytes) -> ServerMessage:
+    """A reply or error from a sealed reply's plaintext (kind byte + body)."""
+    if not plaintext:
+        raise ProtocolError("empty sealed payload")
+    try:
+        kind = Kind(plaintext[0])
+    except ValueError:
+        raise ProtocolError(f"unknown message kind 0x{plaintext[0]:02x}") from None
+    return _server_body(kind, unpack(plaintext[1:]))
+
+
+def encode_sealed_event(msg: SealedEvent) -> list[bytes]:
+    return [HEADER_SEALED_EVENT, pack([msg.instance_id, msg.epoch, msg.counter, msg.ciphertext])]
+
+
+def encode_rekey(msg: Rekey) -> list[bytes]:
+    return [HEADER_REKEY, pack([msg.instance_id, msg.epoch, [list(e) for e in msg.entries]])]
+
+
+def parse_inner_event(plaintext: bytes) -> Delta | Heartbeat:
+    """A delta or heartbeat from a sealed event's plaintext (kind byte + body)."""
+    if not plaintext or plaintext[0] not in (Kind.DELTA, Kind.HEARTBEAT):
+        raise ProtocolError("a sealed event must hold a delta or a heartbeat")
+    msg = parse_channel_message([_HEADERS[Kind(plaintext[0])], plaintext[1:]])
+    assert isinstance(msg, (Delta, Heartbeat))
+    return msg
 
 
 # --- event channel ----------------------------------------------------------------------
@@ -218,6 +313,8 @@ def parse_channel_message(frames: Sequence[bytes]) -> ChannelMessage:
     if len(frames) != 2:
         raise ProtocolError(f"expected 2 frames, got {len(frames)}")
     kind = parse_header(bytes(frames[0]))
+    if kind is Kind.SEALED_EVENT or kind is Kind.REKEY:
+        return _parse_sealed_channel(kind, unpack(bytes(frames[1])))
     if kind is not Kind.DELTA and kind is not Kind.HEARTBEAT:
         raise ProtocolError(f"expected a channel message, got {kind.name.lower()}")
     body = unpack(bytes(frames[1]), use_list=False)
@@ -232,3 +329,17 @@ def parse_channel_message(frames: Sequence[bytes]) -> ChannelMessage:
         raise ProtocolError("heartbeat body must be an array of 2")
     iid, seq = body
     return Heartbeat(_instance_id(iid), _uint(seq, "seq"))
+
+
+def _parse_sealed_channel(kind: Kind, body: Any) -> SealedEvent | Rekey:
+    if kind is Kind.SEALED_EVENT:
+        iid, epoch, counter, ct = _array(body, 4, "sealed event")
+        return SealedEvent(_instance_id(iid), _uint(epoch, "epoch"), _uint(counter, "counter"), _bin(ct, "ciphertext"))
+    iid, epoch, entries = _array(body, 3, "rekey")
+    if not isinstance(entries, list):
+        raise ProtocolError("rekey entries must be an array")
+    out = []
+    for entry in entries:
+        sid, ct = _array(entry, 2, "rekey entry")
+        out.append((_session_id(sid), _bin(ct, "ciphertext")))
+    return Rekey(_instance_id(iid), _uint(epoch, "epoch"), tuple(out))

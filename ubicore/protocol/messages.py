@@ -22,9 +22,13 @@ class Kind(enum.IntEnum):
     REQUEST = 0x01
     REPLY = 0x02
     ERROR = 0x03
+    SEALED_REQUEST = 0x04
+    SEALED_REPLY = 0x05
     DELTA = 0x10
     HEARTBEAT = 0x11
     WELCOME = 0x12
+    SEALED_EVENT = 0x13
+    REKEY = 0x14
 
 
 class Op(enum.IntEnum):
@@ -111,8 +115,43 @@ class Welcome:
     every batch committed from now on will reach it. A header frame and no body."""
 
 
-ClientMessage = Request
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """Either direction of the RPC socket, inside a session: a request (client → instance)
+    or a reply or error (instance → client), encrypted under the session's key for that
+    direction. ``corr_id`` travels in the clear (bound into the associated data) so that
+    a caller can match a clear ``auth_required`` answer to its call."""
+
+    session_id: bytes
+    counter: int
+    corr_id: int
+    ciphertext: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SealedEvent:
+    """Event channel of a ``full`` instance: a delta or heartbeat encrypted under the
+    group key of ``epoch``; ``counter`` numbers the messages sealed under that key."""
+
+    instance_id: bytes
+    epoch: int
+    counter: int
+    ciphertext: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Rekey:
+    """Event channel: new group keys, one sealed entry per entitled session."""
+
+    instance_id: bytes
+    epoch: int
+    entries: tuple[tuple[bytes, bytes], ...]
+
+
+ClientMessage = Request | Sealed
 ServerMessage = Reply | ErrorReply
-ChannelMessage = Delta | Heartbeat | Welcome
+PlainChannelMessage = Delta | Heartbeat | Welcome
+ChannelMessage = PlainChannelMessage | SealedEvent | Rekey
 
 INSTANCE_ID_BYTES = 16
+SESSION_ID_BYTES = 16

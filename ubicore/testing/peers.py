@@ -17,7 +17,7 @@ from typing import Any
 from ..dispatch import InstanceCore
 from ..protocol.channel import Batch, ChannelFollower
 from ..protocol.codec import encode_delta_batches, encode_heartbeat, parse_channel_message
-from ..protocol.messages import Heartbeat
+from ..protocol.messages import Delta, Heartbeat, Welcome
 from ..protocol.rpc import Outcome, RpcCaller
 
 __all__ = ["ChannelPair", "RpcPair"]
@@ -96,7 +96,9 @@ class ChannelPair:
     def flow(self) -> None:
         """Deliver everything on the wire, re-dumping whenever the follower asks."""
         while self.wire:
-            res = self.follower.feed(parse_channel_message(self.wire.pop(0)))
+            msg = parse_channel_message(self.wire.pop(0))
+            assert isinstance(msg, (Delta, Heartbeat, Welcome)), "the peer pair carries clear channels only"
+            res = self.follower.feed(msg)
             self._after(res)
 
     def _after(self, res: Any) -> None:

@@ -61,14 +61,29 @@ class LiveSite:
     proc: subprocess.Popen[bytes]
     path: Path
 
-    def client(self) -> Client:
-        return Client.for_site(self.site, timeout_s=5.0)
+    def client(self, *, anonymous: bool = False) -> Client:
+        """A client logged in as :data:`~ubicore.testing.site.OPERATOR` (or as ``default``)."""
+        from ..sessions import Credentials
+        from .site import OPERATOR
+
+        creds = None if anonymous else Credentials.password(*OPERATOR)
+        return Client.for_site(self.site, timeout_s=5.0, credentials=creds)
 
 
 def write_site(tmp: Path) -> Path:
+    """A site file on free ports, with its security store made (``default`` reads,
+    :data:`~ubicore.testing.site.OPERATOR` updates; tiny Argon2 costs)."""
     rpc, events = free_ports(2)
     path = tmp / "site.yaml"
     path.write_text(SITE_TEMPLATE.format(dataset=tmp / "dataset", rpc=rpc, events=events))
+    from ..config import load_site
+    from ..security.policy import FileSecurityStore, Right
+    from .site import OPERATOR, TEST_KDF
+
+    site = load_site(path)
+    store = FileSecurityStore(site.dataset, site.name, kdf=TEST_KDF)
+    store.init()
+    store.set_user(OPERATOR[0], OPERATOR[1], Right.UPDATE)
     return path
 
 

@@ -41,12 +41,15 @@ from ..client import Client
 from ..config import parse_site
 from ..config.model import InstancePlan, SiteConfig
 from ..runtime import serve_core, serve_instance
+from ..security.policy import FileSecurityStore, Right
+from ..security.primitives import KdfParams
 from ..service import InstanceServer
+from ..sessions import Credentials
 from ..transport.sockets import context
 from .schemas import COUNTER
 
 __all__ = [
-    "CONFIG_UPDATE", "COUNTER", "DEFAULT_TEST_TIMEOUT_S", "POSITIONS", "REGISTER_WAIT_S",
+    "CONFIG_UPDATE", "COUNTER", "DEFAULT_TEST_TIMEOUT_S", "OPERATOR", "POSITIONS", "REGISTER_WAIT_S", "TEST_KDF",
     "TEST_DEPLOYMENTS", "TEST_IMPORTS", "LeakedSockets", "RunningSite", "free_port", "free_ports",
     "run_async", "running_site", "site_yaml",
 ]
@@ -58,6 +61,10 @@ TEST_DEPLOYMENTS: tuple[Mapping[str, Any], ...] = ({"schema": COUNTER, "cell": "
 """What :func:`running_site` adds to the site by default: ``UTest::Counter`` at ``Site``."""
 REGISTER_WAIT_S = 5.0
 DEFAULT_TEST_TIMEOUT_S = 20.0
+TEST_KDF = KdfParams(t=1, p=1, m_kib=64)
+"""Argon2id costs for test users: tiny, so that logins cost microseconds, not 100 ms."""
+OPERATOR = ("operator", "operator-password")
+"""The test site's user with the update right; :attr:`RunningSite.client` logs in as it."""
 
 Key = tuple[str, str]
 T = TypeVar("T")
@@ -95,6 +102,7 @@ def site_yaml(
     positions_rate_hz: float = 0.0,
     positions_tags: int = 4,
     name: str = "test",
+    security: Mapping[str, Any] | None = None,
 ) -> str:
     """The text of a small valid site file whose core listens on the given ports.
 
@@ -126,6 +134,8 @@ def site_yaml(
     }
     if not doc["imports"]:
         del doc["imports"]
+    if security:
+        doc["security"] = dict(security)
     header = "# A site for tests, written by ubicore.testing.site.site_yaml.\n"
     return header + str(yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))
 
@@ -143,6 +153,9 @@ class RunningSite:
     def __init__(self, site: SiteConfig, client: Client, *, register_wait_s: float) -> None:
         self.site = site
         self.client = client
+        self.store = FileSecurityStore(site.dataset, site.name, kdf=TEST_KDF)
+        """The site's security store (users, schema levels); instances re-read it within
+        a quarter of a second of a change."""
         self.servers: dict[Key, InstanceServer] = {}
         self.core: InstanceServer | None = None
         self.register_wait_s = register_wait_s
@@ -163,9 +176,18 @@ class RunningSite:
         """The running server of (schema, cell); KeyError if it is not running."""
         return self.servers[(schema, cell)]
 
-    def new_client(self, *, timeout_s: float | None = None) -> Client:
-        """Another client of this site, closed with the site."""
-        client = Client.for_site(self.site, timeout_s=timeout_s or self.client.timeout_s)
+    def new_client(self, *, timeout_s: float | None = None, credentials: Credentials | None = None,
+                   user: tuple[str, str] | None = None, anonymous: bool = False) -> Client:
+        """Another client of this site, closed with the site. It logs in as ``user``
+        (name, password) or with ``credentials``; as ``default`` with ``anonymous``; else
+        as :data:`OPERATOR`, like :attr:`client`."""
+        if anonymous:
+            credentials = None
+        elif user is not None:
+            credentials = Credentials.password(*user)
+        elif credentials is None:
+            credentials = Credentials.password(*OPERATOR)
+        client = Client.for_site(self.site, timeout_s=timeout_s or self.client.timeout_s, credentials=credentials)
         self._clients.append(client)
         return client
 
@@ -307,18 +329,21 @@ async def running_site(
     positions_rate_hz: float = 0.0,
     client_timeout_s: float = 5.0,
     register_wait_s: float = REGISTER_WAIT_S,
+    security: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[RunningSite]:
     """Serve a :func:`site_yaml` site under ``tmp_path`` while the block runs.
 
     ``instances`` lists the (schema, cell) pairs to start (default: every planned one);
     the others can be started later with :meth:`RunningSite.start_instance`. The site
     file is written to ``tmp_path/site.yaml`` and the dataset lives in
-    ``tmp_path/dataset``.
+    ``tmp_path/dataset``. Its security store holds ``default`` (read) and
+    :data:`OPERATOR` (update), with :data:`TEST_KDF` costs; :attr:`RunningSite.client`
+    logs in as the operator. ``security`` becomes the site file's ``security`` section.
     """
     core_port, event_port = free_ports(2)
     text = site_yaml(tmp_path / "dataset", core_port=core_port, event_port=event_port,
                      extra_deployments=extra_deployments, imports=imports,
-                     positions_rate_hz=positions_rate_hz)
+                     positions_rate_hz=positions_rate_hz, security=security)
     path = tmp_path / "site.yaml"
     path.write_text(text, encoding="utf-8")
     site = parse_site(text, path)
@@ -330,7 +355,11 @@ async def running_site(
         for schema, cell in wanted:
             if site.instance(schema, cell) is None:
                 raise ValueError(f"{schema} is not deployed at {cell} in the test site")
-    rs = RunningSite(site, Client.for_site(site, timeout_s=client_timeout_s), register_wait_s=register_wait_s)
+    store = FileSecurityStore(site.dataset, site.name, kdf=TEST_KDF)
+    store.init()
+    store.set_user(OPERATOR[0], OPERATOR[1], Right.UPDATE)
+    client = Client.for_site(site, timeout_s=client_timeout_s, credentials=Credentials.password(*OPERATOR))
+    rs = RunningSite(site, client, register_wait_s=register_wait_s)
     try:
         await rs.start_core()
         for schema, cell in wanted:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from ..errors import Unavailable
 from ..protocol.rpc import Outcome, RpcCaller
 from .sockets import Pump, connect, make_socket
+
+if TYPE_CHECKING:
+    from ..security.session import ClientSession
 
 RPC_HWM = 10_000
 
@@ -68,11 +71,20 @@ class RpcConnection:
         delay = max(0.0, nxt - self._clock())
         self._timer = self._loop.call_later(delay, self._expire)
 
-    async def call(self, schema: str, cell: str, operation: str, args: Mapping[str, Any], timeout_s: float) -> Any:
-        """Call and wait for the reply; raises the typed error, or CallTimeout."""
+    async def call(
+        self,
+        schema: str,
+        cell: str,
+        operation: str,
+        args: Mapping[str, Any],
+        timeout_s: float,
+        session: ClientSession | None = None,
+    ) -> Any:
+        """Call (sealed under ``session`` if given) and wait for the reply; raises the
+        typed error, or CallTimeout."""
         if self.closed:
             raise Unavailable(f"connection to {self.endpoint} is closed")
-        corr, frames = self.caller.start(schema, cell, operation, args, timeout_s, self._clock())
+        corr, frames = self.caller.start(schema, cell, operation, args, timeout_s, self._clock(), session)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._futures[corr] = fut
         try:

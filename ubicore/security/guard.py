@@ -1,0 +1,327 @@
+"""An instance's security state, sans-IO: logins, sessions, rights and group keys.
+
+Theory of operation. Every instance owns one :class:`SessionGuard`. It answers the two
+clear login operations (``auth_hello`` = pass 1 → 2, ``auth_confirm`` = pass 3 → 4 of
+:mod:`ubicore.security.amp`), keeps the sessions they create, opens sealed requests and
+seals their replies, decides what a request needs (:meth:`admit`, the table of
+DESIGN.md §5), and keeps the channel's group keys (:class:`GroupKeys`): sealing events at
+``full``, rotating them on a timer, when a key nears its message limit, on demand, and
+when the policy takes the read right from a live session.
+
+Half-done logins are one-shot, expire after ``pending_timeout_s`` and are capped per
+peer and in total. A failed confirmation, a sealed message that does not open and a
+request refused for lack of a session or a right are counted in :class:`GuardStats`.
+Time and randomness are injected, so the tests drive expiry and rotation by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..config.model import SecurityConfig
+from ..errors import AuthenticationFailed, AuthenticationRequired, DecryptionFailed, PermissionDenied
+from ..protocol.codec import encode_rekey, encode_sealed_event, encode_sealed_reply
+from ..protocol.messages import Rekey, Request, Sealed
+from ..schema import Protection
+from .amp import Challenge, Confirm, Hello, ServerHandshake
+from .policy import Right, SecurityPolicy
+from .primitives import KdfParams, Rng
+from .session import (
+    GroupKeys,
+    MAX_MESSAGES_PER_KEY,
+    ServerSession,
+    SessionExhausted,
+    SessionGrant,
+    delivery_context,
+    new_session_keys,
+    server_session,
+)
+
+log = logging.getLogger(__name__)
+
+AUTH_OPERATIONS = frozenset({"auth_hello", "auth_confirm"})
+OPEN_UNDER_UPDATE = frozenset({"get_group", "get_dump"})
+MAX_PENDING = 4096
+MAX_PENDING_PER_PEER = 16
+MAX_SESSIONS = 100_000
+HANDSHAKE_ID_BYTES = 16
+
+
+@dataclass(slots=True)
+class GuardStats:
+    logins: int = 0
+    login_failures: int = 0
+    rejected: int = 0
+    unknown_sessions: int = 0
+    auth_required: int = 0
+    denied: int = 0
+    rotations: int = 0
+    sessions: int = 0
+
+
+class _Pending:
+    __slots__ = ("hs", "peer", "started")
+
+    def __init__(self, hs: ServerHandshake, peer: bytes, started: float) -> None:
+        self.hs, self.peer, self.started = hs, peer, started
+
+
+def _params_map(p: KdfParams) -> dict[str, Any]:
+    return {"alg": "argon2id", "t": p.t, "p": p.p, "m_kib": p.m_kib}
+
+
+def _bytes_arg(args: Mapping[str, Any], name: str) -> bytes:
+    v = args.get(name)
+    if type(v) is not bytes:
+        raise AuthenticationFailed("authentication failed")
+    return v
+
+
+class SessionGuard:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        schema: str,
+        cell: str,
+        instance_id: bytes,
+        level: Protection,
+        policy: SecurityPolicy,
+        *,
+        settings: SecurityConfig = SecurityConfig(),
+        clock: Callable[[], float] = time.monotonic,
+        rng: Rng = os.urandom,
+    ) -> None:
+        self.schema, self.cell, self.instance_id = schema, cell, instance_id
+        self.level = level
+        self.policy = policy
+        self.settings = settings
+        self._clock = clock
+        self._rng = rng
+        self.stats = GuardStats()
+        self.sessions: dict[bytes, ServerSession] = {}
+        self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
+        self.keys = GroupKeys(schema, cell, instance_id, rng=rng,
+                              max_messages=min(settings.rotate_after_messages, MAX_MESSAGES_PER_KEY))
+        self.level_epoch = self.keys.epoch
+        self._rotated_at = clock()
+        self._context = delivery_context(schema, cell, instance_id)
+
+    @property
+    def epoch(self) -> int:
+        return self.keys.epoch
+
+    # --- logging in ----------------------------------------------------------------------------
+
+    def hello(self, peer: bytes, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Pass 1 → pass 2. Never says whether the user exists."""
+        self._expire_pending()
+        user, g1 = args.get("user"), _bytes_arg(args, "g1")
+        if type(user) is not str:
+            raise AuthenticationFailed("authentication failed")
+        if len(self._pending) >= MAX_PENDING or sum(p.peer == peer for p in self._pending.values()) >= MAX_PENDING_PER_PEER:
+            raise AuthenticationFailed("too many logins in progress; retry shortly")
+        hs = ServerHandshake(self.policy.site, self.policy.verifier, self.policy.server_secret,
+                             fake_params=self.policy.fake_params, rng=self._rng)
+        try:
+            ch: Challenge = hs.challenge(Hello(user, g1))
+        except AuthenticationFailed:
+            self.stats.login_failures += 1
+            raise
+        hs_id = self._rng(HANDSHAKE_ID_BYTES)
+        self._pending[hs_id] = _Pending(hs, peer, self._clock())
+        return {"hs": hs_id, "g2": ch.g2, "salt": ch.salt, "params": _params_map(ch.params),
+                "site": self.policy.site, "instance_id": self.instance_id}
+
+    def confirm(self, peer: bytes, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Pass 3 → pass 4. A wrong confirmation raises AuthenticationFailed, no pass 4."""
+        self._expire_pending()
+        pending = self._pending.pop(_bytes_arg(args, "hs"), None)  # one-shot either way
+        if pending is None or pending.peer != peer:
+            raise AuthenticationFailed("authentication failed")
+        hs = pending.hs
+        try:
+            hs.confirm(Confirm(_bytes_arg(args, "h_c")))
+        except AuthenticationFailed:
+            self.stats.login_failures += 1
+            raise
+        if not hs.known_user:  # cannot happen: nobody knows a fake record's π
+            raise AuthenticationFailed("authentication failed")
+        if len(self.sessions) >= MAX_SESSIONS:
+            self._drop_oldest()
+        sid, c2s, s2c = new_session_keys(self._rng)
+        may_read = self.level is Protection.FULL and self._right(hs.user) >= Right.READ
+        grant = SessionGrant(sid, c2s, s2c, self.epoch, self.level.value, self.settings.session_ttl_s, hs.user,
+                             self.keys.delivered() if may_read else ())
+        pass4, k_sess = hs.grant(grant.encode(), self._context, self.epoch)
+        self.sessions[sid] = server_session(self.schema, self.cell, self.instance_id, grant, k_sess,
+                                            self._clock() + self.settings.session_ttl_s, peer=peer, may_read=may_read)
+        self.stats.logins += 1
+        self.stats.sessions = len(self.sessions)
+        return {"h_s": pass4.h_s, "nonce": pass4.nonce, "keys": pass4.wrapped, "version": pass4.version}
+
+    def _expire_pending(self) -> None:
+        limit = self._clock() - self.settings.pending_timeout_s
+        while self._pending:
+            hs_id, p = next(iter(self._pending.items()))
+            if p.started > limit:
+                break
+            del self._pending[hs_id]
+
+    def _drop_oldest(self) -> None:
+        oldest = min(self.sessions.values(), key=lambda s: s.expires_at)
+        del self.sessions[oldest.session_id]
+
+    # --- sealed requests -----------------------------------------------------------------------
+
+    def open(self, msg: Sealed) -> tuple[ServerSession, Request]:
+        """The session and the request inside a sealed message.
+
+        AuthenticationRequired (answered in the clear) when the session is unknown,
+        expired or from an earlier level; DecryptionFailed (dropped, counted) when the
+        message does not open.
+        """
+        session = self.sessions.get(msg.session_id)
+        if session is None or session.expires_at <= self._clock() or session.epoch < self.level_epoch:
+            if session is not None:
+                del self.sessions[msg.session_id]
+                self.stats.sessions = len(self.sessions)
+            self.stats.unknown_sessions += 1
+            raise AuthenticationRequired("session expired; log in again", {"reason": "session"})
+        try:
+            req = session.open_request(msg)
+        except DecryptionFailed:
+            self.stats.rejected += 1
+            raise
+        return session, req
+
+    def seal_reply(self, session: ServerSession, frames: list[bytes], corr_id: int) -> list[bytes] | None:
+        try:
+            return encode_sealed_reply(session.seal_reply(frames, corr_id))
+        except SessionExhausted:
+            self.sessions.pop(session.session_id, None)
+            return None
+
+    # --- rights --------------------------------------------------------------------------------
+
+    def _right(self, user: str) -> Right:
+        return self.policy.right(user, self.schema, self.cell)
+
+    def admit(self, session: ServerSession | None, operation: str, updates: bool) -> None:
+        """Raise the error that refuses ``operation`` at the current level, if any."""
+        level = self.level
+        if level is Protection.OPEN:
+            return
+        if level is Protection.UPDATE and operation in OPEN_UNDER_UPDATE:
+            return
+        if session is None:
+            self.stats.auth_required += 1
+            raise AuthenticationRequired(
+                f"{operation} on {self.schema} at {self.cell} needs a session ({level.value} protection)",
+                {"level": level.value},
+            )
+        need = Right.UPDATE if updates else Right.READ
+        if self._right(session.user) < need:
+            self.stats.denied += 1
+            raise PermissionDenied(
+                f"{session.user} may not {need.label} {self.schema} at {self.cell}",
+                {"groups": self.policy.granting_groups(self.schema, self.cell, need), "right": need.label},
+            )
+
+    def group_keys_for(self, session: ServerSession | None) -> list[list[Any]]:
+        """``get_keys``: the current and next group keys, for a session with the read right."""
+        if self.level is not Protection.FULL:
+            return []
+        if session is None:
+            raise AuthenticationRequired("get_keys needs a session")
+        self.admit(session, "get_keys", False)
+        session.may_read = True
+        return [[e, k.value] for e, k in self.keys.delivered()]
+
+    # --- the channel ----------------------------------------------------------------------------
+
+    def seal_event(self, frames: list[bytes]) -> list[list[bytes]]:
+        """What to publish for one clear delta or heartbeat at the current level: the frames
+        themselves below ``full``; at ``full`` the sealed event, after a rekey if the
+        current key has reached its message limit."""
+        if self.level is not Protection.FULL:
+            return [frames]
+        out: list[list[bytes]] = []
+        if self.keys.exhausted:
+            out += self.rotate("message limit")
+        return [*out, encode_sealed_event(self.keys.seal(frames))]
+
+    def rotate(self, reason: str, *, entitled: Callable[[ServerSession], bool] | None = None) -> list[list[bytes]]:
+        """Rotate the group key now; the rekey message to publish (empty below ``full``).
+
+        With ``entitled``, only the sessions it accepts get the new keys, and the next key
+        already handed out is replaced too: whoever is left out cannot read a single event
+        sealed after this call. Without it, every session with the read right is served and
+        the next key (already delivered) becomes current, so nobody misses an event.
+        """
+        if self.level is not Protection.FULL:
+            return []
+        if entitled is not None:
+            for s in self.sessions.values():
+                if s.may_read and not entitled(s):
+                    s.may_read = False
+        epoch, keys = self.keys.rotate(exclude_next=entitled is not None)
+        self._rotated_at = self._clock()
+        self.stats.rotations += 1
+        entries = tuple(s.wrap_group_keys(epoch, keys) for s in self.sessions.values() if s.may_read)
+        log.info("%s@%s: group key rotated to epoch %d (%s), %d sessions served",
+                 self.schema, self.cell, self.keys.epoch, reason, len(entries))
+        return [encode_rekey(Rekey(self.instance_id, epoch, entries))]
+
+    def revoke(self, session_ids: set[bytes] | frozenset[bytes], reason: str = "revoked") -> list[list[bytes]]:
+        """End these sessions and rotate the group key away from them."""
+        for sid in session_ids:
+            self.sessions.pop(sid, None)
+        self.stats.sessions = len(self.sessions)
+        return self.rotate(reason, entitled=lambda s: s.session_id not in session_ids)
+
+    def reevaluate(self) -> list[list[bytes]]:
+        """After a policy change: end sessions of users who are gone or disabled, and
+        rotate away from sessions that lost the read right."""
+        gone = {sid for sid, s in self.sessions.items() if self.policy.verifier(s.user) is None}
+        for sid in gone:
+            del self.sessions[sid]
+        self.stats.sessions = len(self.sessions)
+        losing = {sid for sid, s in self.sessions.items() if s.may_read and self._right(s.user) < Right.READ}
+        if not (gone or losing) or self.level is not Protection.FULL:
+            return []
+        return self.rotate("policy change", entitled=lambda s: s.session_id not in losing and s.session_id not in gone)
+
+    def set_level(self, level: Protection) -> bool:
+        """Move to another level: a new epoch, new group keys, every session ends (clients
+        log in again and learn the new level). True if the level changed."""
+        if level is self.level:
+            return False
+        self.level = level
+        self.keys = GroupKeys(self.schema, self.cell, self.instance_id, epoch=self.keys.epoch + 2, rng=self._rng,
+                              max_messages=self.keys.max_messages)
+        self.level_epoch = self.keys.epoch
+        self.sessions.clear()
+        self._pending.clear()
+        self.stats.sessions = 0
+        self._rotated_at = self._clock()
+        log.info("%s@%s: now %s protection, epoch %d", self.schema, self.cell, level.value, self.epoch)
+        return True
+
+    def tick(self) -> list[list[bytes]]:
+        """Periodic work: expire sessions and half-done logins, rotate when due."""
+        now = self._clock()
+        expired = [sid for sid, s in self.sessions.items() if s.expires_at <= now]
+        for sid in expired:
+            del self.sessions[sid]
+        self.stats.sessions = len(self.sessions)
+        self._expire_pending()
+        if self.level is Protection.FULL and now - self._rotated_at >= self.settings.rotation_s:
+            return self.rotate("periodic")
+        return []

@@ -1,0 +1,154 @@
+"""The client's sessions: logging in to instances and keeping the sessions alive.
+
+A client holds at most one session per (instance endpoint, schema, cell). It logs in
+the first time a call needs one (the four passes of :mod:`ubicore.security.amp` over
+two clear operations, ``auth_hello`` and ``auth_confirm``), with the client's
+:class:`Credentials`, or as ``default`` with the empty password when none were given.
+A session past its lifetime, or one the instance no longer knows (it restarted, or its
+level changed), is dropped and the call logs in again, once, without the application
+noticing. Concurrent calls that need the same session share one login.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import AuthenticationFailed, DecryptionFailed
+from .security.amp import ClientHandshake, Challenge, Grant, PasswordSecret, UserSecret
+from .security.policy import DEFAULT_USER
+from .security.primitives import KdfParams
+from .security.session import ClientSession, SessionGrant, client_session, delivery_context
+from .transport.rpc import RpcConnection
+
+__all__ = ["Credentials", "SessionManager", "RENEW_MARGIN"]
+
+RENEW_MARGIN = 0.9
+"""A session is renewed once this fraction of its lifetime has passed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Who a client logs in as. ``Credentials.password("alice", "...")``; the password
+    itself is held by a :class:`~ubicore.security.amp.UserSecret` and never shown."""
+
+    user: str
+    secret: UserSecret = field(repr=False)
+
+    @classmethod
+    def password(cls, user: str, password: str) -> Credentials:
+        return cls(user, PasswordSecret(password))
+
+    @classmethod
+    def anonymous(cls) -> Credentials:
+        return cls(DEFAULT_USER, PasswordSecret(""))
+
+
+def _challenge(reply: Any) -> tuple[bytes, Challenge, str, bytes]:
+    try:
+        p = reply["params"]
+        if p.get("alg") != "argon2id":
+            raise ValueError
+        params = KdfParams(int(p["t"]), int(p["p"]), int(p["m_kib"])).check()
+        hs, g2, salt, site, iid = (reply[k] for k in ("hs", "g2", "salt", "site", "instance_id"))
+        if not (type(hs) is bytes and type(g2) is bytes and type(salt) is bytes and type(site) is str and type(iid) is bytes):
+            raise ValueError
+        return hs, Challenge(g2, salt, params), site, iid
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise AuthenticationFailed("authentication failed (malformed challenge)") from None
+
+
+def _grant(reply: Any) -> Grant:
+    try:
+        h_s, nonce, keys, version = (reply[k] for k in ("h_s", "nonce", "keys", "version"))
+        if not (type(h_s) is bytes and type(nonce) is bytes and type(keys) is bytes and type(version) is int):
+            raise ValueError
+        return Grant(h_s, nonce, keys, version)
+    except (KeyError, TypeError, ValueError):
+        raise AuthenticationFailed("authentication failed") from None
+
+
+class SessionManager:
+    """Sessions of one client (see the module docstring)."""
+
+    def __init__(
+        self, credentials: Credentials | None = None, *, site: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.credentials = credentials or Credentials.anonymous()
+        self.site = site
+        self._clock = clock
+        self._sessions: dict[tuple[str, str, str], ClientSession] = {}
+        self._logins: dict[tuple[str, str, str], asyncio.Future[ClientSession]] = {}
+        self._held: set[tuple[str, str, str]] = set()
+        self.logins = 0
+
+    def __repr__(self) -> str:
+        return f"<SessionManager user={self.credentials.user!r} sessions={len(self._sessions)}>"
+
+    def current(self, endpoint: str, schema: str, cell: str) -> ClientSession | None:
+        """The live session for this instance, if there is one (expired ones are dropped)."""
+        key = (endpoint, schema, cell)
+        s = self._sessions.get(key)
+        if s is not None and s.expires_at <= self._clock():
+            del self._sessions[key]
+            return None
+        return s
+
+    def held(self, endpoint: str, schema: str, cell: str) -> bool:
+        """True once any session was made with this instance (even if expired): calls to it
+        stay sealed from then on, whatever a later, unauthenticated answer claims."""
+        return (endpoint, schema, cell) in self._held
+
+    def drop(self, endpoint: str, schema: str, cell: str) -> None:
+        s = self._sessions.get((endpoint, schema, cell))
+        if s is not None:
+            s.expires_at = 0.0  # keep it known (``held``) but force a new login
+
+    async def session(self, conn: RpcConnection, schema: str, cell: str, timeout_s: float) -> ClientSession:
+        """The live session with this instance, logging in if needed (shared by callers)."""
+        key = (conn.endpoint, schema, cell)
+        s = self.current(*key)
+        if s is not None:
+            return s
+        pending = self._logins.get(key)
+        if pending is None:
+            pending = self._logins[key] = asyncio.get_running_loop().create_future()
+            try:
+                s = await self._login(conn, schema, cell, timeout_s)
+            except BaseException as exc:
+                self._logins.pop(key, None)
+                if not pending.done():
+                    pending.set_exception(exc)
+                    pending.exception()  # retrieved: other waiters may not exist
+                raise
+            self._sessions[key] = s
+            self._held.add(key)
+            self._logins.pop(key, None)
+            pending.set_result(s)
+            return s
+        return await asyncio.wait_for(asyncio.shield(pending), timeout_s)
+
+    async def _login(self, conn: RpcConnection, schema: str, cell: str, timeout_s: float) -> ClientSession:
+        deadline = self._clock() + timeout_s
+        creds = self.credentials
+        hs = ClientHandshake(creds.user, self.site, creds.secret)  # None: the site named in pass 2
+        hello = hs.start()
+        reply = await conn.call(schema, cell, "auth_hello", {"user": hello.user, "g1": hello.g1}, timeout_s)
+        hs_id, challenge, site, instance_id = _challenge(reply)
+        confirm = await asyncio.to_thread(hs.respond, challenge, site)
+        remaining = max(0.001, deadline - self._clock())
+        reply = await conn.call(schema, cell, "auth_confirm", {"hs": hs_id, "h_c": confirm.h_c}, remaining)
+        grant = _grant(reply)
+        payload, k_sess = hs.finish(grant, delivery_context(schema, cell, instance_id))
+        try:
+            sg = SessionGrant.decode(payload)
+        except DecryptionFailed:
+            raise AuthenticationFailed("authentication failed") from None
+        if sg.epoch != grant.version:
+            raise AuthenticationFailed("authentication failed")
+        self.logins += 1
+        return client_session(schema, cell, instance_id, sg, k_sess, self._clock() + sg.ttl_s * RENEW_MARGIN)
