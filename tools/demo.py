@@ -1,9 +1,13 @@
 """``ubi demo``: the demo site and a live client that shows state changes as they happen.
 
-The client caches the sensor configuration at ``Site`` and the positions of every zone,
-prints each configuration change as it arrives and a line a second per zone with its
-tags, and every few seconds calls an operation (change a sensor's rate, reboot one) so
-that the whole path (call → commit → channel → cache → callback) is on screen.
+The client logs in as ``demo-operator`` (a user with the update right, given a fresh
+password at every start), caches the sensor configuration at ``Site`` and the positions
+of every zone, prints each configuration change as it arrives and a line a second per
+zone with its tags, and every few seconds calls an update operation (change a sensor's
+rate) so that the whole path (login → sealed call → commit → channel → cache → callback)
+is on screen. The three protection levels run side by side (``cells/demo.yaml``), and an
+eavesdropper with no session subscribes to the fully protected zone: it counts what it
+receives and shows that none of it is readable.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,12 +25,56 @@ from ubicore.client import Client
 from ubicore.config.model import SiteConfig
 from ubicore.controller import run_site
 from ubicore.errors import RemoteError
+from ubicore.protocol.messages import Delta, Heartbeat, Rekey, SealedEvent
+from ubicore.runtime import site_policy
+from ubicore.security.policy import Right
+from ubicore.sessions import Credentials
+from ubicore.transport.channel import Subscription
 
 from .format import change_text, table
 
 CONFIG = "ULocationSystem::ConfigurationUpdate"
 POSITIONS = "ULocation::Positions"
 ACTION_PERIOD_S = 4.0
+DEMO_USER = "demo-operator"
+
+
+class Eavesdropper:
+    """A subscriber with no session: it sees every message of a channel, reads none of a
+    ``full`` one."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.sealed = self.readable = self.rekeys = 0
+        self.epochs: set[int] = set()
+        self._sub = Subscription(endpoint, self._on_message)
+
+    def _on_message(self, msg: Any) -> None:
+        if isinstance(msg, SealedEvent):
+            self.sealed += 1
+            self.epochs.add(msg.epoch)
+        elif isinstance(msg, Rekey):
+            self.rekeys += 1
+        elif isinstance(msg, (Delta, Heartbeat)):
+            self.readable += 1
+
+    def report(self) -> str:
+        text = (f"eavesdropper (no session): {self.sealed} sealed messages (epochs {sorted(self.epochs)}), "
+                f"{self.rekeys} rekeys, {self.readable} readable")
+        self.sealed = self.readable = self.rekeys = 0
+        return text
+
+    def close(self) -> None:
+        self._sub.close()
+
+
+def prepare_demo_user(site: SiteConfig) -> tuple[Credentials, str]:
+    """Create the security store if needed and give ``demo-operator`` (update right) a
+    fresh password for this run; (its credentials, the password to show once)."""
+    store = site_policy(site)
+    store.init()
+    password = secrets.token_urlsafe(12)
+    store.set_user(DEMO_USER, password, Right.UPDATE)
+    return Credentials.password(DEMO_USER, password), password
 
 
 def _counter(counts: dict[str, int], cell: str) -> Callable[[str, Any, Any], None]:
@@ -35,19 +84,37 @@ def _counter(counts: dict[str, int], cell: str) -> Callable[[str, Any, Any], Non
     return count
 
 
-async def live_client(site: SiteConfig, stop: asyncio.Event, say: Callable[[str], None]) -> None:
-    async with Client.for_site(site) as client:
+async def live_client(
+    site: SiteConfig, stop: asyncio.Event, say: Callable[[str], None], credentials: Credentials | None = None
+) -> None:
+    async with Client.for_site(site, credentials=credentials) as client:
         services = await client.services()
         say(table(["schema", "cell", "host", "protection", "rpc"],
                   sorted((r["schema"], r["cell"], r["host"], r["protection"], r["rpc"]) for r in services["instances"])))
         caches: dict[str, Cache] = {}
         counts: dict[str, int] = {}
+        spies: dict[str, Eavesdropper] = {}
         for plan in site.instances:
             if plan.schema == POSITIONS:
                 cache = await client.cache(plan.cell, POSITIONS)
                 counts[plan.cell] = 0
                 cache.on_change(_counter(counts, plan.cell))
                 caches[plan.cell] = cache
+                info = await client.find(plan.cell, POSITIONS)
+                if info.protection == "full":
+                    spies[plan.cell] = Eavesdropper(info.events)
+        try:
+            await _show(site, client, caches, counts, spies, stop, say)
+        finally:
+            for spy in spies.values():
+                spy.close()
+
+
+async def _show(
+    site: SiteConfig, client: Client, caches: dict[str, Cache], counts: dict[str, int],
+    spies: dict[str, Eavesdropper], stop: asyncio.Event, say: Callable[[str], None],
+) -> None:
+    if True:
         config_cell = next((p.cell for p in site.instances if p.schema == CONFIG), None)
         if config_cell is not None:
             config = await client.cache(config_cell, CONFIG)
@@ -62,8 +129,12 @@ async def live_client(site: SiteConfig, stop: asyncio.Event, say: Callable[[str]
             for cell, cache in caches.items():
                 tags = sorted(cache.rows("positions"))[:3]
                 shown = "  ".join(f"{t.tag} ({t.x:5.1f},{t.y:5.1f})" for t in tags)  # type: ignore[attr-defined]
-                say(f"[{cell}] {POSITIONS}: {len(cache.table('positions'))} tags, {counts[cell]} changes/s  {shown} …")
+                level = cache.binding.protection
+                say(f"[{cell}] {POSITIONS} ({level}): {len(cache.table('positions'))} tags, "
+                    f"{counts[cell]} changes/s  {shown} …")
                 counts[cell] = 0
+                if cell in spies:
+                    say(f"[{cell}] {spies[cell].report()}")
             if config_cell is not None and time.monotonic() >= next_action:
                 next_action = time.monotonic() + ACTION_PERIOD_S
                 sensor, rate = next(sensors), next(rates)
@@ -85,6 +156,9 @@ async def run_demo(site: SiteConfig, stop: asyncio.Event, say: Callable[[str], N
         missing.extend(still_missing)
         up.set()
 
+    credentials, password = prepare_demo_user(site)
+    say(f"user {DEMO_USER} has the update right; its password for this run (shown once): {password}")
+    say(f"  e.g. UBI_PASSWORD=... ubi --user {DEMO_USER} call Site {CONFIG} set_rate sensor=S-001 rate_hz=2")
     site_task = asyncio.create_task(run_site(site, stop, on_up=on_up))
     try:
         waiter = asyncio.create_task(up.wait())
@@ -97,7 +171,7 @@ async def run_demo(site: SiteConfig, stop: asyncio.Event, say: Callable[[str], N
         say(f"site {site.name} up: {len(site.instances)} instances on {len(site.hosts)} hosts (Ctrl-C stops it)")
         if duration_s is not None:
             asyncio.get_running_loop().call_later(duration_s, stop.set)
-        await live_client(site, stop, say)
+        await live_client(site, stop, say, credentials)
     finally:
         stop.set()
         await site_task

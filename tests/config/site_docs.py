@@ -41,8 +41,14 @@ deployments:
 
 
 def demo_doc() -> dict[str, Any]:
+    """The demo site's document with its deployments pinned to a fixed, known shape (the
+    error tests address deployments by index; the demo file may deploy more)."""
     doc = yaml.safe_load(DEMO.read_text(encoding="utf-8"))
     assert isinstance(doc, dict)
+    doc["deployments"] = [
+        {"schema": CONFIG_UPDATE, "level": "site"},
+        {"schema": POSITIONS, "level": "zone", "options": {"rate_hz": 5, "tags": 6}},
+    ]
     return doc
 
 

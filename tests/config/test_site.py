@@ -47,7 +47,7 @@ def test_demo_parses_with_expected_instances_and_hosts() -> None:
         (CONFIG_UPDATE, "Site", "host-a", None, {}),
         (POSITIONS, "Zone-A", "host-a", None, opts),
         (POSITIONS, "Zone-B", "host-b", None, opts),
-        (POSITIONS, "Zone-C", "host-b", None, opts),
+        (POSITIONS, "Zone-C", "host-b", "full", opts),
     ]
     assert [(i.schema, i.cell) for i in site.instances_for_host("host-a")] == [
         (CONFIG_UPDATE, "Site"), (POSITIONS, "Zone-A")]
@@ -59,7 +59,8 @@ def test_demo_parses_with_expected_instances_and_hosts() -> None:
     assert isinstance(plan, InstancePlan) and plan.host == "host-b"
     assert site.instance(POSITIONS, "Site") is None
     assert site.instance("No::Such", "Zone-A") is None
-    assert [d.level for d in site.deployments] == ["site", "zone"]
+    assert [(d.level, d.cell) for d in site.deployments] == [
+        ("site", None), (None, "Zone-A"), (None, "Zone-B"), (None, "Zone-C")]
 
 
 def test_load_site_accepts_str_path() -> None:

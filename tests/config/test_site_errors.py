@@ -170,7 +170,7 @@ def test_hostile_yaml_is_a_config_error(text: str) -> None:
 
 def test_recursive_options_are_refused() -> None:
     text = DEMO.read_text(encoding="utf-8").replace("options: {rate_hz: 5, tags: 6}",
-                                                    "options: {loop: &l [*l]}")
+                                                    "options: {loop: &l [*l]}", 1)
     with pytest.raises(ConfigError) as info:
         parse_site(text, SOURCE)
     assert info.value.key_path.startswith("deployments[1].options.loop")
