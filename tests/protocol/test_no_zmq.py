@@ -34,6 +34,10 @@ SCRIPT = textwrap.dedent(
     import ubicore.dispatch as dispatch
     import ubicore.store as store
     import ubicore.schema as schema
+    import ubicore.security.amp as amp
+    import ubicore.security.session as session
+    import ubicore.security.guard as guard
+    import ubicore.security.policy as policy
 
     class Counters(schema.Schema, name="NoZmq::Counters"):
         """Named counters."""
