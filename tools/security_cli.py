@@ -24,6 +24,7 @@ from ubicore.security.primitives import KdfParams
 from . import format as fmt
 
 RIGHTS = [r.label for r in Right]
+NAMING = "UNaming::Registry"
 LEVELS = [p.value for p in Protection]
 
 
@@ -195,6 +196,8 @@ def schema_set(ctx: click.Context, name: str, level: str) -> None:
     """Run a schema at LEVEL; running instances move to it without a restart."""
     if "::" not in name:
         _fail(f"expected MODULE::SCHEMA, got {name!r}")
+    if name == NAMING and level != "open":
+        _fail(f"{NAMING} stays open: instances register with it before they can log in")
     _store(ctx).set_level(name, Protection(level))
     click.echo(f"{name} is now {level}")
 
