@@ -53,6 +53,10 @@ GROUP_KEYS_KEPT = 3
 
 _C2S, _S2C, _EVENT, _REKEY = b"\0\0\0\1", b"\0\0\0\2", b"\0\0\0\3", b"\0\0\0\4"
 _be8 = struct.Struct(">Q").pack
+_tail1 = struct.Struct(">IQ").pack  # lp(be8(n)) of one counter
+_tail2 = struct.Struct(">IQIQ").pack  # lp(be8(counter), be8(corr))
+# lp() is a concatenation of independently prefixed parts, so the associated data of a
+# message is a per-session (or per-epoch) constant prefix followed by its varying tail.
 
 
 class SessionExhausted(Exception):
@@ -84,7 +88,8 @@ class ReplayWindow:
     def mark(self, n: int) -> None:
         if n > self.top:
             shift = n - self.top
-            self._bits = ((self._bits << shift) | 1) & ((1 << self.size) - 1)
+            # A jump of a window or more forgets everything (and never shifts by 2^32).
+            self._bits = ((self._bits << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
             self.top = n
         else:
             self._bits |= 1 << (self.top - n)
@@ -101,11 +106,21 @@ def _nonce(prefix: bytes, counter: int) -> bytes:
 
 
 def rpc_ad(label: str, schema: str, cell: str, instance_id: bytes, epoch: int, msg: Sealed) -> bytes:
+    """lp(label, schema, cell, instance id, epoch, session id, counter, corr id)."""
     return P.lp(label, schema, cell, instance_id, _be8(epoch), msg.session_id, _be8(msg.counter), _be8(msg.corr_id))
 
 
+def _rpc_prefix(label: str, schema: str, cell: str, instance_id: bytes, epoch: int, session_id: bytes) -> bytes:
+    return P.lp(label, schema, cell, instance_id, _be8(epoch), session_id)
+
+
 def event_ad(schema: str, cell: str, instance_id: bytes, epoch: int, counter: int) -> bytes:
+    """lp("ubicore-v1 event", schema, cell, instance id, epoch, counter)."""
     return P.lp("ubicore-v1 event", schema, cell, instance_id, _be8(epoch), _be8(counter))
+
+
+def _event_prefix(schema: str, cell: str, instance_id: bytes, epoch: int) -> bytes:
+    return P.lp("ubicore-v1 event", schema, cell, instance_id, _be8(epoch))
 
 
 def rekey_ad(schema: str, cell: str, instance_id: bytes, epoch: int, session_id: bytes) -> bytes:
@@ -202,6 +217,13 @@ class _SessionBase:
     tx_counter: int = 0
     window: ReplayWindow = field(default_factory=ReplayWindow, repr=False)
     rejected: int = 0
+    _req_ad: bytes = field(default=b"", repr=False)
+    _rep_ad: bytes = field(default=b"", repr=False)
+
+    def __post_init__(self) -> None:
+        args = (self.schema, self.cell, self.instance_id, self.epoch, self.session_id)
+        self._req_ad = _rpc_prefix("ubicore-v1 request", *args)
+        self._rep_ad = _rpc_prefix("ubicore-v1 reply", *args)
 
     def _next_counter(self) -> int:
         if self.tx_counter >= MAX_MESSAGES_PER_KEY:
@@ -221,9 +243,7 @@ class ClientSession(_SessionBase):
 
     def seal_request(self, req: Request) -> Sealed:
         n = self._next_counter()
-        head = Sealed(self.session_id, n, req.corr_id, b"")
-        ct = self._tx.seal(_nonce(_C2S, n), request_body(req),
-                           rpc_ad("ubicore-v1 request", self.schema, self.cell, self.instance_id, self.epoch, head))
+        ct = self._tx.seal(_C2S + _be8(n), request_body(req), self._req_ad + _tail2(8, n, 8, req.corr_id))
         return Sealed(self.session_id, n, req.corr_id, ct)
 
     def open_reply(self, msg: Sealed) -> ServerMessage:
@@ -232,8 +252,8 @@ class ClientSession(_SessionBase):
             self.rejected += 1
             raise DecryptionFailed()
         try:
-            plain = self._rx.open(_nonce(_S2C, msg.counter), msg.ciphertext,
-                                  rpc_ad("ubicore-v1 reply", self.schema, self.cell, self.instance_id, self.epoch, msg))
+            plain = self._rx.open(_S2C + _be8(msg.counter), msg.ciphertext,
+                                  self._rep_ad + _tail2(8, msg.counter, 8, msg.corr_id))
             inner = parse_inner_reply(plain)
         except (DecryptionFailed, ProtocolError):
             self.rejected += 1
@@ -270,12 +290,12 @@ class ServerSession(_SessionBase):
     may_read: bool = False
 
     def open_request(self, msg: Sealed) -> Request:
-        if self.window.seen(msg.counter):
+        if msg.session_id != self.session_id or self.window.seen(msg.counter):
             self.rejected += 1
             raise DecryptionFailed()
         try:
-            plain = self._rx.open(_nonce(_C2S, msg.counter), msg.ciphertext,
-                                  rpc_ad("ubicore-v1 request", self.schema, self.cell, self.instance_id, self.epoch, msg))
+            plain = self._rx.open(_C2S + _be8(msg.counter), msg.ciphertext,
+                                  self._req_ad + _tail2(8, msg.counter, 8, msg.corr_id))
             req = parse_request_body(plain)
         except (DecryptionFailed, ProtocolError):
             self.rejected += 1
@@ -289,9 +309,7 @@ class ServerSession(_SessionBase):
     def seal_reply(self, frames: list[bytes], corr_id: int) -> Sealed:
         """Seal a clear reply or error (its frames) for this session."""
         n = self._next_counter()
-        head = Sealed(self.session_id, n, corr_id, b"")
-        ct = self._tx.seal(_nonce(_S2C, n), inner_bytes(frames),
-                           rpc_ad("ubicore-v1 reply", self.schema, self.cell, self.instance_id, self.epoch, head))
+        ct = self._tx.seal(_S2C + _be8(n), inner_bytes(frames), self._rep_ad + _tail2(8, n, 8, corr_id))
         return Sealed(self.session_id, n, corr_id, ct)
 
     def wrap_group_keys(self, epoch: int, keys: Iterable[tuple[int, Secret]]) -> tuple[bytes, bytes]:
@@ -337,7 +355,7 @@ class GroupKeyRing:
 
     def __init__(self, schema: str, cell: str, instance_id: bytes) -> None:
         self.schema, self.cell, self.instance_id = schema, cell, instance_id
-        self._keys: dict[int, Aead] = {}
+        self._keys: dict[int, tuple[Aead, bytes]] = {}  # epoch -> (key, associated-data prefix)
         self._windows: dict[int, ReplayWindow] = {}
         self.rejected = 0
 
@@ -354,7 +372,7 @@ class GroupKeyRing:
     def add(self, keys: Iterable[tuple[int, Secret]]) -> None:
         for epoch, key in keys:
             if epoch not in self._keys:
-                self._keys[epoch] = Aead(key)
+                self._keys[epoch] = (Aead(key), _event_prefix(self.schema, self.cell, self.instance_id, epoch))
                 self._windows[epoch] = ReplayWindow()
         for old in sorted(self._keys)[:-GROUP_KEYS_KEPT]:
             del self._keys[old], self._windows[old]
@@ -367,14 +385,14 @@ class GroupKeyRing:
         """The delta or heartbeat inside; DecryptionFailed if we hold no key for its epoch
         (check :meth:`has` first to tell that case apart), or it is tampered, replayed or
         from another channel."""
-        aead = self._keys.get(msg.epoch)
+        entry = self._keys.get(msg.epoch)
         window = self._windows.get(msg.epoch)
-        if aead is None or window is None or msg.instance_id != self.instance_id or window.seen(msg.counter):
+        if entry is None or window is None or msg.instance_id != self.instance_id or window.seen(msg.counter):
             self.rejected += 1
             raise DecryptionFailed()
+        aead, prefix = entry
         try:
-            plain = aead.open(_nonce(_EVENT, msg.counter), msg.ciphertext,
-                              event_ad(self.schema, self.cell, msg.instance_id, msg.epoch, msg.counter))
+            plain = aead.open(_EVENT + _be8(msg.counter), msg.ciphertext, prefix + _tail1(8, msg.counter))
             inner = parse_inner_event(plain)
         except (DecryptionFailed, ProtocolError):
             self.rejected += 1
@@ -399,6 +417,7 @@ class GroupKeys:
         self._current = P.random_key(rng)
         self._next = P.random_key(rng)
         self._aead = Aead(self._current)
+        self._prefix = _event_prefix(schema, cell, instance_id, epoch)
         self.counter = 0
 
     def __repr__(self) -> str:
@@ -419,8 +438,7 @@ class GroupKeys:
             raise SessionExhausted()
         self.counter += 1
         n = self.counter
-        ct = self._aead.seal(_nonce(_EVENT, n), inner_bytes(frames),
-                             event_ad(self.schema, self.cell, self.instance_id, self.epoch, n))
+        ct = self._aead.seal(_EVENT + _be8(n), inner_bytes(frames), self._prefix + _tail1(8, n))
         return SealedEvent(self.instance_id, self.epoch, n, ct)
 
     def rotate(self, *, exclude_next: bool) -> tuple[int, tuple[tuple[int, Secret], ...]]:
@@ -439,6 +457,7 @@ class GroupKeys:
             self._current = self._next
         self._next = P.random_key(self._rng)
         self._aead = Aead(self._current)
+        self._prefix = _event_prefix(self.schema, self.cell, self.instance_id, self.epoch)
         self.counter = 0
         keys = ((self.epoch + 1, self._next),) if not exclude_next else self.delivered()
         return self.epoch + 1, keys
