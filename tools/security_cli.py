@@ -83,8 +83,13 @@ def init(ctx: click.Context, kdf_time: int | None, kdf_memory_kib: int | None, k
         kdf = KdfParams(kdf_time or d.t, kdf_lanes or d.p, kdf_memory_kib or d.m_kib).check()
     except ValueError as exc:
         _fail(str(exc))
-    store = FileSecurityStore(site.dataset, site.name, kdf=kdf)
-    click.echo(f"created {store.path}" if store.init() else f"{store.path} exists; unchanged")
+    try:
+        store = FileSecurityStore(site.dataset, site.name, kdf=kdf)
+        created = store.init()
+    except UbiError as exc:  # an unreadable store: one line, no traceback
+        _fail(str(exc))
+        raise AssertionError("unreachable")
+    click.echo(f"created {store.path}" if created else f"{store.path} exists; unchanged")
 
 
 @security.group()
