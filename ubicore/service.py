@@ -195,7 +195,7 @@ class InstanceServer:
         self, reason: str = "on demand", *, entitled: Callable[[ServerSession], bool] | None = None
     ) -> None:
         """Rotate the channel's group key now (``full`` only). With ``entitled``, only the
-        sessions it accepts get the new key: the others cannot read a single event
+        sessions it accepts get the new key; the others end and cannot read a single event
         published after this call."""
         self.flush()  # what was committed before the rotation goes under the old key
         self._publish(self.core.guard.rotate(reason, entitled=entitled))

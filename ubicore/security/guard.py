@@ -260,17 +260,19 @@ class SessionGuard:
     def rotate(self, reason: str, *, entitled: Callable[[ServerSession], bool] | None = None) -> list[list[bytes]]:
         """Rotate the group key now; the rekey message to publish (empty below ``full``).
 
-        With ``entitled``, only the sessions it accepts get the new keys, and the next key
-        already handed out is replaced too: whoever is left out cannot read a single event
-        sealed after this call. Without it, every session with the read right is served and
-        the next key (already delivered) becomes current, so nobody misses an event.
+        With ``entitled``, only the sessions it accepts keep going: the others end (their
+        next request is told to log in again, and a new login checks the rights afresh),
+        and the next key already handed out is replaced too, so whoever is left out cannot
+        read a single event sealed after this call. Without it, every session with the read
+        right is served and the next key (already delivered) becomes current, so nobody
+        misses an event.
         """
         if self.level is not Protection.FULL:
             return []
         if entitled is not None:
-            for s in self.sessions.values():
-                if s.may_read and not entitled(s):
-                    s.may_read = False
+            for sid in [sid for sid, s in self.sessions.items() if not entitled(s)]:
+                del self.sessions[sid]
+            self.stats.sessions = len(self.sessions)
         epoch, keys = self.keys.rotate(exclude_next=entitled is not None)
         self._rotated_at = self._clock()
         self.stats.rotations += 1
