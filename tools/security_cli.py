@@ -203,6 +203,10 @@ def schema_set(ctx: click.Context, name: str, level: str) -> None:
         _fail(f"expected MODULE::SCHEMA, got {name!r}")
     if name == NAMING and level != "open":
         _fail(f"{NAMING} stays open: instances register with it before they can log in")
+    from .cli import _site
+
+    if name not in {d.schema for d in _site(ctx).deployments}:
+        click.echo(f"ubi: warning: the site file deploys no {name} (misspelt?)", err=True)
     _store(ctx).set_level(name, Protection(level))
     click.echo(f"{name} is now {level}")
 

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Protocol
 
 from .errors import AuthenticationFailed, CallTimeout, DecryptionFailed, PermissionDenied, ProtocolError
 from .protocol.channel import Batch, ChannelFollower, FollowState, ResyncReason
-from .protocol.messages import ChannelMessage, Op, Rekey, SealedEvent
+from .protocol.messages import ChannelMessage, Op, Rekey, SealedEvent, Welcome
 from .security.session import ClientSession
 from .transport.channel import Subscription
 
@@ -197,6 +197,11 @@ class _Joined:
             session = self._link.channel_session(self.binding)
             if session is not None:
                 session.open_rekey(msg)
+            return
+        elif self.binding.protection == "full" and not isinstance(msg, Welcome):
+            # A full instance never publishes in the clear: this came from someone else.
+            # (After a real move to a lower level, naming updates the binding first.)
+            self.rejected += 1
             return
         res = self.follower.feed(msg)
         if res.batches:

@@ -225,10 +225,8 @@ class InstanceServer:
             self.set_level(core.policy.level(core.name) or core.configured_protection)
             self.flush()
             self._publish(core.guard.reevaluate())
-        tick = core.guard.tick()
-        if tick:
-            self.flush()
-            self._publish(tick)
+        self.flush()  # what was committed before a rotation goes under the key it was made under
+        self._publish(core.guard.tick())
 
     async def _security(self) -> None:
         while True:

@@ -28,6 +28,9 @@ __all__ = ["Credentials", "SessionManager", "RENEW_MARGIN"]
 
 RENEW_MARGIN = 0.9
 """A session is renewed once this fraction of its lifetime has passed."""
+MAX_KDF_TIME = 16
+MAX_KDF_MEMORY_KIB = 1024 * 1024
+"""The highest Argon2id costs a client accepts from an instance (16 passes, 1 GiB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,8 @@ def _challenge(reply: Any) -> tuple[bytes, Challenge, str, bytes]:
         if p.get("alg") != "argon2id":
             raise ValueError
         params = KdfParams(int(p["t"]), int(p["p"]), int(p["m_kib"])).check()
+        if params.t > MAX_KDF_TIME or params.m_kib > MAX_KDF_MEMORY_KIB:
+            raise ValueError  # a client spends at most this much on anyone's say-so
         hs, g2, salt, site, iid = (reply[k] for k in ("hs", "g2", "salt", "site", "instance_id"))
         if not (type(hs) is bytes and type(g2) is bytes and type(salt) is bytes and type(site) is str and type(iid) is bytes):
             raise ValueError

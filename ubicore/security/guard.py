@@ -142,9 +142,11 @@ class SessionGuard:
     def confirm(self, peer: bytes, args: Mapping[str, Any]) -> dict[str, Any]:
         """Pass 3 → pass 4. A wrong confirmation raises AuthenticationFailed, no pass 4."""
         self._expire_pending()
-        pending = self._pending.pop(_bytes_arg(args, "hs"), None)  # one-shot either way
-        if pending is None or pending.peer != peer:
+        hs_id = _bytes_arg(args, "hs")
+        pending = self._pending.get(hs_id)
+        if pending is None or pending.peer != peer:  # another connection's login stays intact
             raise AuthenticationFailed("authentication failed")
+        del self._pending[hs_id]  # one-shot from here on, whatever the outcome
         hs = pending.hs
         try:
             hs.confirm(Confirm(_bytes_arg(args, "h_c")))

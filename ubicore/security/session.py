@@ -29,7 +29,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ..errors import DecryptionFailed, ProtocolError
+from ..errors import AuthenticationRequired, DecryptionFailed, ProtocolError
 from ..protocol.codec import inner_bytes, pack, parse_inner_event, parse_inner_reply, parse_request_body, request_body, unpack
 from ..protocol.messages import (
     Delta,
@@ -59,8 +59,9 @@ _tail2 = struct.Struct(">IQIQ").pack  # lp(be8(counter), be8(corr))
 # message is a per-session (or per-epoch) constant prefix followed by its varying tail.
 
 
-class SessionExhausted(Exception):
-    """A key reached MAX_MESSAGES_PER_KEY; the owner must renew the session."""
+class SessionExhausted(AuthenticationRequired):
+    """A key reached MAX_MESSAGES_PER_KEY; the session must be renewed (the SDK logs in
+    again, as for an expired session)."""
 
 
 class ReplayWindow:

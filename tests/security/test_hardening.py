@@ -1,0 +1,67 @@
+"""Defects found by review, each pinned by a test that fails on the code before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from ubicore.cache import Binding, Cache
+from ubicore.errors import AuthenticationFailed, AuthenticationRequired
+from ubicore.protocol.messages import Change, Delta, Heartbeat, Op
+from ubicore.schema import Protection
+from ubicore.security.session import MAX_MESSAGES_PER_KEY, SessionExhausted
+from ubicore.sessions import _challenge
+
+from ..test_cache_unit import IID, FakeInstance, FakeLink
+from .test_guard import _confirm_args, _hello, login, make_guard, request
+
+
+def test_a_full_channel_drops_clear_events() -> None:
+    """Review: a cache applied clear deltas on a full channel (an injection path)."""
+
+    async def body() -> None:
+        inst = FakeInstance([["a", 1]], seq=1)
+        cache = Cache(Binding("UT::S", "c", "tcp://fake:1", "tcp://fake:2", protection="full"), FakeLink(inst))
+        cache._request_dump()
+        await asyncio.wait_for(cache.ready.wait(), 5)
+        cache._on_message(Delta(IID, 2, ((Change("r", Op.UPDATE, ("a", 666)),),)))
+        cache._on_message(Heartbeat(IID, 9))
+        assert cache.table("r")[("a",)][1] == 1
+        assert cache.rejected == 2 and cache.resyncs == 0
+        await cache.close()
+
+    asyncio.run(body())
+
+
+def test_a_confirm_from_another_connection_leaves_the_login_intact() -> None:
+    """Review: someone else's auth_confirm with a stolen handshake id cancelled the login."""
+    g = make_guard(Protection.UPDATE)
+    hs, reply = _hello(g, "writer", b"alice-conn")
+    args = _confirm_args(hs, reply)
+    with pytest.raises(AuthenticationFailed):
+        g.confirm(b"mallory-conn", args)
+    assert "h_s" in g.confirm(b"alice-conn", args)
+
+
+def test_a_client_refuses_argon2_costs_beyond_its_cap() -> None:
+    """Review: any endpoint could make a client spend up to 4 GiB on one login."""
+    reply = {"hs": b"h" * 16, "g2": b"g" * 32, "salt": b"s" * 16, "site": "x", "instance_id": b"i" * 16,
+             "params": {"alg": "argon2id", "t": 3, "p": 4, "m_kib": 4 * 1024 * 1024}}
+    with pytest.raises(AuthenticationFailed):
+        _challenge(reply)
+    reply["params"] = {"alg": "argon2id", "t": 3, "p": 4, "m_kib": 65536}
+    assert _challenge(reply)[1].params.m_kib == 65536
+
+
+def test_an_exhausted_client_session_asks_for_a_new_login() -> None:
+    """Review: a session at its message limit raised an exception outside the error tree;
+    it is now AuthenticationRequired, which the SDK answers by logging in again."""
+    g = make_guard(Protection.UPDATE)
+    c = login(g, "writer")
+    c.tx_counter = MAX_MESSAGES_PER_KEY
+    with pytest.raises(AuthenticationRequired) as info:
+        c.seal_request(request(1))
+    assert isinstance(info.value, SessionExhausted)
+    assert dataclasses.is_dataclass(c)
