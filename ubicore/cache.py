@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Protocol
 from .errors import AuthenticationFailed, CallTimeout, DecryptionFailed, PermissionDenied, ProtocolError
 from .protocol.channel import Batch, ChannelFollower, FollowState, ResyncReason
 from .protocol.messages import ChannelMessage, Op, Rekey, SealedEvent, Welcome
+from .security.amp import CredentialsOutOfDate
 from .security.session import ClientSession
 from .transport.channel import Subscription
 
@@ -60,6 +61,8 @@ class InstanceLink(Protocol):
     def call_binding(self, binding: Binding, operation: str, args: Mapping[str, Any], timeout_s: float) -> Awaitable[Any]: ...
 
     def channel_session(self, binding: Binding) -> ClientSession | None: ...
+
+    def session_expired(self, session: ClientSession) -> bool: ...
 
 
 class RelationInfo(NamedTuple):
@@ -125,6 +128,7 @@ class _Joined:
         self.closed = False
         self._sub: Subscription | None = None
         self._dump_task: asyncio.Task[None] | None = None
+        self._renewal: asyncio.Task[None] | None = None
         self._again = False
         self._layout_stale = False
         self.infos: dict[str, RelationInfo] = {}
@@ -188,6 +192,10 @@ class _Joined:
                     self.follower.resync(ResyncReason.GAP)
                     self._note_resync(ResyncReason.GAP)
                 return
+            if self._renewal is None and self._link.session_expired(session):
+                # Renew before the instance drops the session from its rekeys: a new
+                # login (its grant carries the keys) and the ring carries over.
+                self._renewal = asyncio.get_running_loop().create_task(self._renew())
             try:
                 msg = session.group.open(msg)
             except DecryptionFailed:
@@ -216,6 +224,19 @@ class _Joined:
         log.info("%s@%s: re-dump (%s)", self.schema, self.cell, reason.value)
         self._request_dump()
 
+    async def _renew(self) -> None:
+        try:
+            keys = await self._link.call_binding(self.binding, "get_keys", {}, DUMP_TIMEOUT_S)
+            session = self._link.channel_session(self.binding)
+            if session is not None:
+                session.group.add(_group_keys(keys))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the channel heals by itself (a re-dump) if keys run out
+            log.info("%s@%s: session renewal failed: %s", self.schema, self.cell, exc)
+        finally:
+            self._renewal = None
+
     def _request_dump(self) -> None:
         if self._dump_task is not None and not self._dump_task.done():
             self._again = True
@@ -242,14 +263,15 @@ class _Joined:
                     self._layout_stale = False
                 session = self._link.channel_session(binding)
                 if session is not None and session.level == "full":
-                    session.group.add(_group_keys(await call(binding, "get_keys", {}, DUMP_TIMEOUT_S)))
+                    keys = _group_keys(await call(binding, "get_keys", {}, DUMP_TIMEOUT_S))
+                    (self._link.channel_session(binding) or session).group.add(keys)  # a login may have renewed it
                 dump = await call(binding, "get_dump", {}, DUMP_TIMEOUT_S)
                 iid, seq, relations = _dump_parts(dump)
                 notify = self._install_dump(relations, infos)
                 self.infos = infos
             except asyncio.CancelledError:
                 raise
-            except (PermissionDenied, AuthenticationFailed) as exc:
+            except (PermissionDenied, AuthenticationFailed, CredentialsOutOfDate) as exc:
                 if not self.ready.is_set():  # the join fails with it
                     self.error = exc
                     self.ready.set()
@@ -301,13 +323,13 @@ class _Joined:
         if self._sub is not None:
             self._sub.close()
             self._sub = None
-        task = self._dump_task
-        if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        for task in (self._dump_task, self._renewal):
+            if task is not None and not task.done():
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
 
 
 class Cache(_Joined):

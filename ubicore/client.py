@@ -262,7 +262,10 @@ class Client:
                                 time.monotonic() + timeout_s)
 
     def channel_session(self, binding: Binding) -> ClientSession | None:
-        return self.sessions.current(binding.rpc, binding.schema, binding.cell)
+        return self.sessions.latest(binding.rpc, binding.schema, binding.cell)
+
+    def session_expired(self, session: ClientSession) -> bool:
+        return self.sessions.expired(session)
 
     async def describe(self, cell: str, schema: str, *, timeout_s: float | None = None) -> dict[str, Any]:
         """The running instance's ``get_group``: instance id, sequence, protection, epoch,

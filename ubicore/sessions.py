@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import AuthenticationFailed, DecryptionFailed
+from .errors import AuthenticationFailed, CallTimeout, DecryptionFailed, RemoteError
 from .security.amp import ClientHandshake, Challenge, Grant, PasswordSecret, UserSecret
 from .security.policy import DEFAULT_USER
 from .security.primitives import KdfParams
@@ -87,7 +87,7 @@ class SessionManager:
         self.site = site
         self._clock = clock
         self._sessions: dict[tuple[str, str, str], ClientSession] = {}
-        self._logins: dict[tuple[str, str, str], asyncio.Future[ClientSession]] = {}
+        self._logins: dict[tuple[str, str, str], asyncio.Task[ClientSession]] = {}
         self._held: set[tuple[str, str, str]] = set()
         self.logins = 0
 
@@ -95,13 +95,19 @@ class SessionManager:
         return f"<SessionManager user={self.credentials.user!r} sessions={len(self._sessions)}>"
 
     def current(self, endpoint: str, schema: str, cell: str) -> ClientSession | None:
-        """The live session for this instance, if there is one (expired ones are dropped)."""
-        key = (endpoint, schema, cell)
-        s = self._sessions.get(key)
+        """The live session for this instance, if there is one."""
+        s = self._sessions.get((endpoint, schema, cell))
         if s is not None and s.expires_at <= self._clock():
-            del self._sessions[key]
             return None
         return s
+
+    def latest(self, endpoint: str, schema: str, cell: str) -> ClientSession | None:
+        """The newest session with this instance, live or past its lifetime: its group
+        keys still open the channel until the key rotates away from it."""
+        return self._sessions.get((endpoint, schema, cell))
+
+    def expired(self, session: ClientSession) -> bool:
+        return session.expires_at <= self._clock()
 
     def held(self, endpoint: str, schema: str, cell: str) -> bool:
         """True once any session was made with this instance (even if expired): calls to it
@@ -119,23 +125,32 @@ class SessionManager:
         s = self.current(*key)
         if s is not None:
             return s
-        pending = self._logins.get(key)
-        if pending is None:
-            pending = self._logins[key] = asyncio.get_running_loop().create_future()
-            try:
-                s = await self._login(conn, schema, cell, timeout_s)
-            except BaseException as exc:
-                self._logins.pop(key, None)
-                if not pending.done():
-                    pending.set_exception(exc)
-                    pending.exception()  # retrieved: other waiters may not exist
+        login = self._logins.get(key)
+        if login is None:
+            # The login is a task of its own that every caller waits for with its own
+            # deadline: one that gives up or is cancelled takes nobody else's login down
+            # (nor hands them its CancelledError).
+            login = asyncio.get_running_loop().create_task(self._login(conn, schema, cell, timeout_s))
+            self._logins[key] = login
+            login.add_done_callback(lambda task: self._logged_in(key, task))
+        try:
+            return await asyncio.wait_for(asyncio.shield(login), timeout_s)
+        except TimeoutError as exc:
+            if isinstance(exc, RemoteError):  # the login's own CallTimeout
                 raise
-            self._sessions[key] = s
-            self._held.add(key)
-            self._logins.pop(key, None)
-            pending.set_result(s)
-            return s
-        return await asyncio.wait_for(asyncio.shield(pending), timeout_s)
+            raise CallTimeout(f"no session with {schema} at {cell} within {timeout_s:.3g} s") from None
+
+    def _logged_in(self, key: tuple[str, str, str], task: asyncio.Task[ClientSession]) -> None:
+        if self._logins.get(key) is task:
+            del self._logins[key]
+        if task.cancelled() or task.exception() is not None:  # retrieved, waited for or not
+            return
+        new = task.result()
+        old = self._sessions.get(key)
+        if old is not None:
+            new.group.adopt(old.group)  # a renewal reads on: no keys, no window lost
+        self._sessions[key] = new
+        self._held.add(key)
 
     async def _login(self, conn: RpcConnection, schema: str, cell: str, timeout_s: float) -> ClientSession:
         deadline = self._clock() + timeout_s

@@ -65,3 +65,23 @@ def test_an_exhausted_client_session_asks_for_a_new_login() -> None:
         c.seal_request(request(1))
     assert isinstance(info.value, SessionExhausted)
     assert dataclasses.is_dataclass(c)
+
+
+def test_a_security_store_others_can_write_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Review: a world-writable policy.json was loaded without complaint (anyone on the
+    host could have given themselves the update right)."""
+    import os
+
+    from ubicore.errors import ConfigError
+    from ubicore.security.policy import FileSecurityStore
+    from ubicore.security.primitives import KdfParams
+
+    store = FileSecurityStore(tmp_path, "s", kdf=KdfParams(1, 1, 64))
+    store.init()
+    os.chmod(store.path, 0o666)
+    with pytest.raises(ConfigError) as info:
+        store.refresh()
+    assert "chmod go-w" in str(info.value) and str(store.path) in str(info.value)
+    os.chmod(store.path, 0o600)
+    store.refresh()
+    assert "default" in store.users()

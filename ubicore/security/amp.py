@@ -382,10 +382,11 @@ class ServerHandshake:
         try:
             _check_user(hello.user)
             self.user = hello.user
-            record = self._lookup(hello.user)
+            fake = fake_record(self._server_secret, hello.user, self._fake_params)  # made for known users
+            record = self._lookup(hello.user)  # too, so that pass 2 takes as long either way
             self.known_user = record is not None
             if record is None:
-                record = fake_record(self._server_secret, hello.user, self._fake_params)
+                record = fake
             g1 = P.check_point(hello.g1)
             tt1 = _tt1(hello.user, self.site, record.salt, record.params, g1)
             e1 = P.hash_to_scalar("e1", tt1)

@@ -50,6 +50,7 @@ OPEN_UNDER_UPDATE = frozenset({"get_group", "get_dump"})
 MAX_PENDING = 4096
 MAX_PENDING_PER_PEER = 16
 MAX_SESSIONS = 100_000
+MAX_SESSIONS_PER_USER = 10_000
 HANDSHAKE_ID_BYTES = 16
 
 
@@ -125,7 +126,7 @@ class SessionGuard:
         user, g1 = args.get("user"), _bytes_arg(args, "g1")
         if type(user) is not str:
             raise AuthenticationFailed("authentication failed")
-        if len(self._pending) >= MAX_PENDING or sum(p.peer == peer for p in self._pending.values()) >= MAX_PENDING_PER_PEER:
+        if sum(p.peer == peer for p in self._pending.values()) >= MAX_PENDING_PER_PEER:
             raise AuthenticationFailed("too many logins in progress; retry shortly")
         hs = ServerHandshake(self.policy.site, self.policy.verifier, self.policy.server_secret,
                              fake_params=self.policy.fake_params, rng=self._rng)
@@ -135,6 +136,10 @@ class SessionGuard:
             self.stats.login_failures += 1
             raise
         hs_id = self._rng(HANDSHAKE_ID_BYTES)
+        if len(self._pending) >= MAX_PENDING:
+            # The oldest half-done login gives way. Refusing instead would let anyone with
+            # 256 connections (peer ids cost nothing) lock every login out for 10 s at a time.
+            self._pending.popitem(last=False)
         self._pending[hs_id] = _Pending(hs, peer, self._clock())
         return {"hs": hs_id, "g2": ch.g2, "salt": ch.salt, "params": _params_map(ch.params),
                 "site": self.policy.site, "instance_id": self.instance_id}
@@ -155,8 +160,7 @@ class SessionGuard:
             raise
         if not hs.known_user:  # cannot happen: nobody knows a fake record's π
             raise AuthenticationFailed("authentication failed")
-        if len(self.sessions) >= MAX_SESSIONS:
-            self._drop_oldest()
+        self._make_room(hs.user)
         sid, c2s, s2c = new_session_keys(self._rng)
         may_read = self.level is Protection.FULL and self._right(hs.user) >= Right.READ
         grant = SessionGrant(sid, c2s, s2c, self.epoch, self.level.value, self.settings.session_ttl_s, hs.user,
@@ -176,8 +180,21 @@ class SessionGuard:
                 break
             del self._pending[hs_id]
 
-    def _drop_oldest(self) -> None:
-        oldest = min(self.sessions.values(), key=lambda s: s.expires_at)
+    def _make_room(self, user: str) -> None:
+        """Before a new session of ``user``: past MAX_SESSIONS_PER_USER its own oldest
+        session gives way (so a flood of logins as one user, ``default`` say, only ever
+        evicts that user's sessions); past MAX_SESSIONS the oldest of the user with the
+        most sessions does."""
+        mine = [s for s in self.sessions.values() if s.user == user]
+        if len(mine) < MAX_SESSIONS_PER_USER and len(self.sessions) < MAX_SESSIONS:
+            return
+        if len(mine) < MAX_SESSIONS_PER_USER:
+            counts: dict[str, int] = {}
+            for s in self.sessions.values():
+                counts[s.user] = counts.get(s.user, 0) + 1
+            heaviest = max(counts, key=lambda u: counts[u])
+            mine = [s for s in self.sessions.values() if s.user == heaviest]
+        oldest = min(mine, key=lambda s: s.expires_at)
         del self.sessions[oldest.session_id]
 
     # --- sealed requests -----------------------------------------------------------------------
@@ -304,15 +321,15 @@ class SessionGuard:
 
     def set_level(self, level: Protection) -> bool:
         """Move to another level: a new epoch, new group keys, every session ends (clients
-        log in again and learn the new level). True if the level changed."""
+        log in again and learn the new level; logins under way finish at the new level).
+        True if the level changed."""
         if level is self.level:
             return False
         self.level = level
         self.keys = GroupKeys(self.schema, self.cell, self.instance_id, epoch=self.keys.epoch + 2, rng=self._rng,
                               max_messages=self.keys.max_messages)
         self.level_epoch = self.keys.epoch
-        self.sessions.clear()
-        self._pending.clear()
+        self.sessions.clear()  # half-done logins go on: their grant is made at the new level
         self.stats.sessions = 0
         self._rotated_at = self._clock()
         log.info("%s@%s: now %s protection, epoch %d", self.schema, self.cell, level.value, self.epoch)

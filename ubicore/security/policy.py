@@ -94,7 +94,7 @@ class FileSecurityStore:
         self.fake_params = self.kdf
         self._users: dict[str, UserEntry] = {}
         self._levels: dict[str, Protection] = {}
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: tuple[int, int, int, int] | None = None
         self.server_secret = Secret(b"")
         self.refresh()
 
@@ -111,7 +111,7 @@ class FileSecurityStore:
         """Re-read the file if it changed since the last read; True if it did."""
         try:
             st = self.path.stat()
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_mode)
         except FileNotFoundError:
             stamp = None
         if stamp == self._stamp and self.server_secret.value:
@@ -122,6 +122,9 @@ class FileSecurityStore:
             changed = bool(self._users or self._levels)
             self._users, self._levels = {}, {}
             return changed
+        if st.st_mode & 0o022:
+            raise ConfigError(str(self.path), "", "the security store is writable by others; "
+                                                  f"fix it with: chmod go-w {self.path}")
         doc = self._read()
         users, levels = self._parse(doc)
         kdf = doc.get("kdf") if isinstance(doc, dict) else None

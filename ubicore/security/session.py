@@ -382,6 +382,17 @@ class GroupKeyRing:
         self._keys.clear()
         self._windows.clear()
 
+    def adopt(self, older: GroupKeyRing) -> None:
+        """Take over the keys (and their replay windows) of an earlier session's ring with
+        the same instance, so a renewed session reads on without a gap."""
+        if older.instance_id != self.instance_id or (older.schema, older.cell) != (self.schema, self.cell):
+            return
+        for epoch, entry in older._keys.items():
+            self._keys[epoch] = entry  # one epoch, one key: the older entry has the window
+            self._windows[epoch] = older._windows[epoch]
+        for old in sorted(self._keys)[:-GROUP_KEYS_KEPT]:
+            del self._keys[old], self._windows[old]
+
     def open(self, msg: SealedEvent) -> Delta | Heartbeat:
         """The delta or heartbeat inside; DecryptionFailed if we hold no key for its epoch
         (check :meth:`has` first to tell that case apart), or it is tampered, replayed or
