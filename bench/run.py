@@ -1,11 +1,16 @@
 """Run the ubicore benchmark suite; print one JSON document on stdout.
 
-Usage: ``python bench/run.py [--quick] [--only events|rpc|join] [--out FILE] [--profile DIR]``
+Usage: ``python bench/run.py [--quick] [--only SECTION] [--out FILE] [--profile DIR]``
+with SECTION one of events, rpc, join, levels, handshake, rotation, or ``security`` (the
+last three).
 
 Each measurement runs against raw pyzmq doing the same transfers in the same run, and is
 reported as a ratio (see bench/README.md). The instance under test runs in a child
 process (``ubicore_child.py``: core + instances of a generated site file on free
-127.0.0.1 ports); the subscriber or client runs in this process. Progress goes to
+127.0.0.1 ports); the subscriber or client runs in this process. The protection-level
+sections serve a second site (``measure_levels.write_security_site``: three
+``UTest::Counter`` instances at ``open``, ``update`` and ``full``) in a second child,
+started after the first one stopped; ``rotation`` needs no child. Progress goes to
 stderr. Exit status 0 when every section ran (missed targets included), 1 when a
 section failed with an error (recorded in the JSON under that section's ``error``).
 """
@@ -28,16 +33,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Child, free_port, log, machine  # noqa: E402
 from measure_events import bench_events  # noqa: E402
+from measure_handshake import bench_handshake  # noqa: E402
 from measure_join import bench_join  # noqa: E402
+from measure_levels import CELLS, bench_levels, write_security_site  # noqa: E402
+from measure_rotation import bench_rotation  # noqa: E402
 from measure_rpc import bench_rpc  # noqa: E402
+
 from ubicore.client import Client  # noqa: E402
 from ubicore.config import load_site  # noqa: E402
+from ubicore.sessions import Credentials  # noqa: E402
+from ubicore.testing.schemas import COUNTER  # noqa: E402
+from ubicore.testing.site import OPERATOR  # noqa: E402
 
-SECTIONS = ("events", "rpc", "join")
+BASIC_SECTIONS = ("events", "rpc", "join")
+SECURITY_SECTIONS = ("levels", "handshake", "rotation")
+SECTIONS = BASIC_SECTIONS + SECURITY_SECTIONS
 FULL = {"events_n": 200_000, "events_reps": 3, "rpc_calls": 10_000, "rpc_reps": 3, "join_rows": 100_000,
-        "join_reps": 3}
+        "join_reps": 3,
+        "levels_events_n": 200_000, "levels_events_reps": 3, "levels_rpc_calls": 5000, "levels_rpc_reps": 3,
+        "handshake_samples": 300, "handshake_kdf_samples": 5, "handshake_loopback_samples": 200,
+        "rotation_sessions": 1000, "rotation_reps": 20}
 QUICK = {"events_n": 100_000, "events_reps": 1, "rpc_calls": 5000, "rpc_reps": 1, "join_rows": 100_000,
-         "join_reps": 1}
+         "join_reps": 1,
+         "levels_events_n": 50_000, "levels_events_reps": 1, "levels_rpc_calls": 2000, "levels_rpc_reps": 1,
+         "handshake_samples": 100, "handshake_kdf_samples": 1, "handshake_loopback_samples": 50,
+         "rotation_sessions": 1000, "rotation_reps": 5}
 FIND_WAIT_S = 15.0
 CHILD_CHECK_S = 0.5
 
@@ -91,8 +111,87 @@ async def _watched(section: Awaitable[dict[str, Any]], child: Child) -> dict[str
                 await task
 
 
+def _wanted(args: argparse.Namespace, name: str) -> bool:
+    if args.only is None:
+        return True
+    if args.only == "security":
+        return name in SECURITY_SECTIONS
+    return bool(args.only == name)
+
+
+async def _run_one(name: str, section: Awaitable[dict[str, Any]], result: dict[str, Any]) -> bool:
+    """Run one section into ``result[name]``; False if it raised."""
+    log(f"[{name}] running")
+    t0 = time.perf_counter()
+    ok = True
+    try:
+        result[name] = await section
+    except Exception as exc:
+        ok = False
+        result[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        log(f"[{name}] FAILED: {type(exc).__name__}: {exc}")
+    log(f"[{name}] done in {time.perf_counter() - t0:.1f} s")
+    return ok
+
+
 async def run_sections(args: argparse.Namespace, cfg: dict[str, Any], result: dict[str, Any]) -> bool:
     """Run the chosen sections into ``result``; False if any raised."""
+    ok = True
+    groups = ((BASIC_SECTIONS, run_basic_sections), (("levels", "handshake"), run_security_sections))
+    for names, run in groups:
+        wanted = [name for name in names if _wanted(args, name)]
+        if not wanted:
+            continue
+        try:
+            ok = await run(args, cfg, result) and ok
+        except Exception as exc:  # the child did not start, or the client could not find it
+            ok = False
+            log(f"FAILED: {type(exc).__name__}: {exc}")
+            for name in wanted:
+                result.setdefault(name, {"error": f"{type(exc).__name__}: {exc}"})
+    if _wanted(args, "rotation"):
+        ok = await _run_one("rotation", _sync(bench_rotation, cfg["rotation_sessions"], cfg["rotation_reps"]),
+                            result) and ok
+    return ok
+
+
+async def _sync(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    return fn(*args)  # synchronous and short, in-process: no child, nothing else on the loop
+
+
+async def run_security_sections(args: argparse.Namespace, cfg: dict[str, Any], result: dict[str, Any]) -> bool:
+    """levels and handshake, against the security site in its own ubicore child."""
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="ubench-sec-") as tmp:
+        site_path = write_security_site(Path(tmp))
+        env = {"UBENCH_PROFILE": str(Path(args.profile).resolve() / "server-security.prof")} if args.profile else None
+        log(f"starting the ubicore child for the protection levels ({site_path})")
+        child = Child("ubicore_child.py", str(site_path), env=env)
+        client: Client | None = None
+        try:
+            site = load_site(site_path)
+            client = Client.for_site(site, credentials=Credentials.password(*OPERATOR))
+            for cell in CELLS.values():
+                await client.find(cell, COUNTER, wait_s=FIND_WAIT_S)
+            if _wanted(args, "levels"):
+                section = bench_levels(client, cfg["levels_events_n"], cfg["levels_events_reps"],
+                                       cfg["levels_rpc_calls"], cfg["levels_rpc_reps"])
+                ok = await _run_one("levels", _watched(section, child), result) and ok
+            if _wanted(args, "handshake"):
+                section = bench_handshake(client, site.dataset, cfg["handshake_samples"], cfg["handshake_kdf_samples"],
+                                          cfg["handshake_loopback_samples"])
+                ok = await _run_one("handshake", _watched(section, child), result) and ok
+        finally:
+            if client is not None:
+                await client.close()
+            status = child.close()
+            if status not in (0, None):
+                log(f"ubicore child exited with {status}:\n{child.log_tail()}")
+    return ok
+
+
+async def run_basic_sections(args: argparse.Namespace, cfg: dict[str, Any], result: dict[str, Any]) -> bool:
+    """events, rpc and join, against the UBench site."""
     ok = True
     with tempfile.TemporaryDirectory(prefix="ubench-") as tmp:
         site_path = write_site(Path(tmp))
@@ -109,18 +208,9 @@ async def run_sections(args: argparse.Namespace, cfg: dict[str, Any], result: di
                 "rpc": lambda c: bench_rpc(c, cfg["rpc_calls"], cfg["rpc_reps"]),
                 "join": lambda c: bench_join(c, cfg["join_rows"], cfg["join_reps"]),
             }
-            for name in SECTIONS:
-                if args.only is not None and name != args.only:
-                    continue
-                log(f"[{name}] running")
-                t0 = time.perf_counter()
-                try:
-                    result[name] = await _watched(runners[name](client), child)
-                except Exception as exc:
-                    ok = False
-                    result[name] = {"error": f"{type(exc).__name__}: {exc}"}
-                    log(f"[{name}] FAILED: {type(exc).__name__}: {exc}")
-                log(f"[{name}] done in {time.perf_counter() - t0:.1f} s")
+            for name in BASIC_SECTIONS:
+                if _wanted(args, name):
+                    ok = await _run_one(name, _watched(runners[name](client), child), result) and ok
         finally:
             if client is not None:
                 await client.close()
@@ -132,11 +222,13 @@ async def run_sections(args: argparse.Namespace, cfg: dict[str, Any], result: di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="ubicore benchmarks against raw pyzmq")
-    parser.add_argument("--quick", action="store_true", help="smaller counts, one repetition (~7 s)")
-    parser.add_argument("--only", choices=SECTIONS, help="run one section")
+    parser.add_argument("--quick", action="store_true", help="smaller counts, one repetition (~30 s)")
+    parser.add_argument("--only", choices=(*SECTIONS, "security"),
+                        help="run one section (security: levels, handshake and rotation)")
     parser.add_argument("--out", type=Path, help="also write the JSON document to FILE")
     parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="cProfile the bench process (client.prof) and the ubicore child (server.prof)")
+                        help="cProfile the bench process (client.prof) and the ubicore children"
+                             " (server.prof, server-security.prof)")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     result: dict[str, Any] = {"machine": machine(), "config": {"quick": args.quick, **cfg}}
