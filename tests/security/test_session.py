@@ -261,7 +261,7 @@ def test_a_forged_counter_does_not_move_the_window() -> None:
     c, s = make_pair()
     m = c.seal_request(req(1))
     with pytest.raises(DecryptionFailed):
-        s.open_request(dataclasses.replace(m, counter=10**6))
+        s.open_request(m._replace(counter=10**6))
     assert s.window.top == 0
     assert s.open_request(m).corr_id == 1
 
@@ -318,7 +318,7 @@ def test_request_fields_are_bound(field: str, value: Any) -> None:
     if value is None:
         value = m.ciphertext[:-1] + bytes([m.ciphertext[-1] ^ 1])
     with pytest.raises(DecryptionFailed):
-        s.open_request(dataclasses.replace(m, **{field: value}))
+        s.open_request(m._replace(**{field: value}))
     assert s.open_request(m).corr_id == 7  # untouched, it still opens
 
 
@@ -327,7 +327,7 @@ def test_reply_fields_are_bound(field: str, value: Any) -> None:
     c, s = make_pair()
     r = s.seal_reply(encode_reply(7, "x"), 7)
     with pytest.raises(DecryptionFailed):
-        c.open_reply(dataclasses.replace(r, **{field: value}))
+        c.open_reply(r._replace(**{field: value}))
     assert c.open_reply(r).corr_id == 7
 
 
@@ -339,7 +339,7 @@ def test_session_id_is_bound_even_under_the_same_keys() -> None:
     _, s2 = make_pair(other, k)
     m = c1.seal_request(req(4))
     with pytest.raises(DecryptionFailed):
-        s2.open_request(dataclasses.replace(m, session_id=other.session_id))
+        s2.open_request(m._replace(session_id=other.session_id))
 
 
 def test_inner_corr_id_must_match_the_outer_one() -> None:

@@ -209,8 +209,17 @@ def _session_id(value: Any) -> bytes:
 
 
 def _sealed(body: Any) -> Sealed:
-    sid, counter, corr, ct = _array(body, 4, "sealed message")
-    return Sealed(_session_id(sid), _uint(counter, "counter"), _uint(corr, "corr_id"), _bin(ct, "ciphertext"))
+    # On every sealed call's path twice: checks inline.
+    if type(body) is not list or len(body) != 4:
+        raise ProtocolError("sealed message body must be an array of 4")
+    sid, counter, corr, ct = body
+    if type(sid) is not bytes or len(sid) != SESSION_ID_BYTES:
+        raise ProtocolError(f"session id must be {SESSION_ID_BYTES} bytes")
+    if type(counter) is not int or not 0 <= counter <= _MAX_UINT64 or type(corr) is not int or not 0 <= corr <= _MAX_UINT64:
+        raise ProtocolError("counter and corr_id must be unsigned integers")
+    if type(ct) is not bytes:
+        raise ProtocolError("ciphertext must be binary")
+    return _new_tuple(Sealed, body)
 
 
 def encode_sealed_request(msg: Sealed) -> list[bytes]:

@@ -173,6 +173,10 @@ class UserSecret:
     def scalar(self, user: str, site: str, salt: bytes, params: KdfParams) -> Secret:
         raise NotImplementedError
 
+    def ready(self, user: str, site: str, salt: bytes, params: KdfParams) -> bool:
+        """True if :meth:`scalar` returns at once (no password KDF to run)."""
+        return False
+
 
 class PasswordSecret(UserSecret):
     """A password; π is derived once per (salt, params) and kept in memory."""
@@ -190,6 +194,9 @@ class PasswordSecret(UserSecret):
             pi = self._cache[key] = password_scalar(self._password, user, site, salt, params.check())
         return pi
 
+    def ready(self, user: str, site: str, salt: bytes, params: KdfParams) -> bool:
+        return (user, site, salt, params) in self._cache
+
     def __repr__(self) -> str:
         return "<PasswordSecret redacted>"
 
@@ -206,6 +213,9 @@ class ScalarSecret(UserSecret):
         if not P.ct_equal(salt, self.salt) or params != self.params:
             raise CredentialsOutOfDate()
         return self._pi
+
+    def ready(self, user: str, site: str, salt: bytes, params: KdfParams) -> bool:
+        return True
 
     def __repr__(self) -> str:
         return "<ScalarSecret redacted>"

@@ -186,32 +186,38 @@ def scalar_invert(a: bytes) -> bytes:
         raise DegenerateScalar("degenerate scalar") from None
 
 
+# libsodium's unclamped scalar multiplications refuse, by themselves, a point that is not
+# canonical, of small order or outside the prime-order subgroup, and an identity result
+# (returning -1, which PyNaCl raises). A non-zero multiple of a subgroup point stays in the
+# subgroup, so their results need no second check; sums do (the identity is a valid sum).
+
+
 def base_mul(s: bytes) -> bytes:
-    """[s]B without clamping."""
+    """[s]B without clamping; a zero scalar is refused."""
     try:
-        p = bytes(_na.crypto_scalarmult_ed25519_base_noclamp(nonzero(s)))
-    except (CryptoError, RuntimeError):
+        return bytes(_na.crypto_scalarmult_ed25519_base_noclamp(nonzero(s)))
+    except (CryptoError, RuntimeError, TypeError, ValueError):
         raise DegenerateScalar("degenerate scalar") from None
-    return check_point(p)
 
 
 def point_mul(s: bytes, p: bytes) -> bytes:
-    """[s]P without clamping; P is validated and an identity result refused."""
-    check_point(p)
+    """[s]P without clamping; libsodium validates P and refuses an identity result."""
+    if type(p) is not bytes or len(p) != POINT_BYTES:
+        raise InvalidElement("invalid group element")
     try:
-        q = bytes(_na.crypto_scalarmult_ed25519_noclamp(nonzero(s), p))
-    except (CryptoError, RuntimeError):
+        return bytes(_na.crypto_scalarmult_ed25519_noclamp(nonzero(s), p))
+    except (CryptoError, RuntimeError, TypeError, ValueError):
         raise InvalidElement("invalid group element") from None
-    return check_point(q)
 
 
 def point_add(p: bytes, q: bytes) -> bytes:
-    """P + Q; both validated and an identity result refused."""
+    """P + Q; both validated (libsodium's addition takes any decodable point) and an
+    identity sum refused."""
     check_point(p)
     check_point(q)
     try:
         r = bytes(_na.crypto_core_ed25519_add(p, q))
-    except (CryptoError, RuntimeError):
+    except (CryptoError, RuntimeError, TypeError, ValueError):
         raise InvalidElement("invalid group element") from None
     return check_point(r)
 
