@@ -470,14 +470,15 @@ def naive_client_confirm(user: str, x: int, pi: int, ch: Challenge) -> bytes:
     return spec_h_c(spec_keys(alpha, P.lp(tt1, ch.g2), SITE))
 
 
-def attacker_candidates(a: int, b: int, v: bytes, g1: bytes, ch: Challenge, user: str) -> dict[str, bytes]:
+def attacker_candidates(a: int, b: int, v: bytes, g1: bytes, ch: Challenge, user: str,
+                        site: str = SITE) -> dict[str, bytes]:
     """What a thief holding (V, salt, params) can compute for α after sending G1 = [a]V + [b]B.
 
     G2 = [y]([e1]G1 + V) = [y(e1·a + 1)]V + [y·e1·b]B. With b = 0, [y]G1 = [y·a]V =
     [a/(e1·a + 1)]G2: exactly the naive server's β. The real β = [y]G1 + [y·e2]B also needs
     [y]B, which the thief cannot separate from G2.
     """
-    tt1 = spec_tt1(user, SITE, ch.salt, ch.params, g1)
+    tt1 = spec_tt1(user, site, ch.salt, ch.params, g1)
     e1, e2 = _h2s("e1", tt1), _h2s("e2", P.lp(tt1, ch.g2))
     k = a * pow(e1 * a + 1, -1, L) % L
     known = P.point_mul(_sc(k), ch.g2)

@@ -106,7 +106,15 @@ from ubicore.testing.site import (
 )
 from ubicore.transport.rpc import RpcConnection
 
-from .test_amp import NaiveServer, _base, _h2s, _sc, spec_h_c, spec_keys, spec_tt1
+from .test_amp import (
+    NaiveServer,
+    _base,
+    _sc,
+    attacker_candidates,
+    spec_h_c,
+    spec_keys,
+    spec_tt1,
+)
 
 GUARD_S = 5.0
 """Upper bound on waiting for something that must happen (never a timing assertion)."""
@@ -715,24 +723,6 @@ async def test_a_wrong_password_fails_without_pass_4_like_an_unknown_user(tmp_pa
 # --- 7. a stolen verifier ----------------------------------------------------------------------------------
 
 
-def thief_candidates(a: int, b: int, v: bytes, g1: bytes, ch: Challenge, user: str, site: str) -> dict[str, bytes]:
-    """What a thief holding (V, salt, params) can compute for the shared point after sending
-    G1 = [a]V + [b]B (see tests/security/test_amp.py: with b = 0 the first one is the naive
-    server's β)."""
-    tt1 = spec_tt1(user, site, ch.salt, ch.params, g1)
-    e1, e2 = _h2s("e1", tt1), _h2s("e2", P.lp(tt1, ch.g2))
-    k = a * pow(e1 * a + 1, -1, L) % L
-    known = P.point_mul(_sc(k), ch.g2)
-    return {
-        "naive-win": known,
-        "g2": ch.g2,
-        "plus-e2B": P.point_add(known, _base(e2)),
-        "plus-e2G1": P.point_add(known, P.point_mul(_sc(e2), g1)),
-        "plus-e2V": P.point_add(known, P.point_mul(_sc(e2), v)),
-        "times-1+e2": P.point_mul(_sc(k * (1 + e2)), ch.g2),
-    }
-
-
 @run_async
 async def test_a_stolen_verifier_logs_nobody_in(tmp_path: Path) -> None:
     async with running_site(tmp_path, instances=[(COUNTER, "Site")], extra_deployments=FULL_COUNTER) as rs:
@@ -746,7 +736,7 @@ async def test_a_stolen_verifier_logs_nobody_in(tmp_path: Path) -> None:
         naive = NaiveServer(site, record)
         g1 = P.point_mul(_sc(a), record.verifier)
         ch = naive.challenge(Hello(user, g1))
-        alpha = thief_candidates(a, 0, record.verifier, g1, ch, user, site)["naive-win"]
+        alpha = attacker_candidates(a, 0, record.verifier, g1, ch, user, site)["naive-win"]
         naive.confirm(Confirm(spec_h_c(spec_keys(alpha, P.lp(spec_tt1(user, site, ch.salt, ch.params, g1), ch.g2), site))))
 
         failures, logins = guard.stats.login_failures, guard.stats.logins
@@ -762,7 +752,7 @@ async def test_a_stolen_verifier_logs_nobody_in(tmp_path: Path) -> None:
                     assert isinstance(rep, Reply)
                     ch = _challenge(rep.result)
                     assert ch.salt == record.salt and ch.params == record.params
-                    alpha = thief_candidates(a, b, record.verifier, g1, ch, user, site)[which]
+                    alpha = attacker_candidates(a, b, record.verifier, g1, ch, user, site)[which]
                     keys = spec_keys(alpha, P.lp(spec_tt1(user, site, ch.salt, ch.params, g1), ch.g2), site)
                     rep = await d.request("auth_confirm", {"hs": rep.result["hs"], "h_c": spec_h_c(keys)})
                     assert isinstance(rep, ErrorReply), (b != 0, which, rep)
