@@ -18,7 +18,12 @@ import click
 
 from ubicore.errors import UbiError
 from ubicore.schema import Protection
-from ubicore.security.policy import DEFAULT_USER, FileSecurityStore, Right, check_user_name
+from ubicore.security.policy import (
+    DEFAULT_USER,
+    FileSecurityStore,
+    Right,
+    check_user_name,
+)
 from ubicore.security.primitives import KdfParams
 
 from . import format as fmt

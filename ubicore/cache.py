@@ -23,7 +23,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-from .errors import AuthenticationFailed, CallTimeout, DecryptionFailed, PermissionDenied, ProtocolError
+from .errors import (
+    AuthenticationFailed,
+    CallTimeout,
+    DecryptionFailed,
+    PermissionDenied,
+    ProtocolError,
+)
 from .protocol.channel import Batch, ChannelFollower, FollowState, ResyncReason
 from .protocol.messages import ChannelMessage, Op, Rekey, SealedEvent, Welcome
 from .security.amp import CredentialsOutOfDate

@@ -21,11 +21,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .config.model import SecurityConfig
 from .errors import (
     AuthenticationFailed,
     BadArguments,
-    DecryptionFailed,
     ConstraintViolation,
+    DecryptionFailed,
     NotFound,
     ProtocolError,
     RemoteError,
@@ -43,8 +44,15 @@ from .protocol.codec import (
     unpack,
 )
 from .protocol.messages import INSTANCE_ID_BYTES, MAGIC, Change, Request, Sealed
-from .schema import INT64_MAX, INT64_MIN, OperationSpec, OpKind, Param, Protection, Schema
-from .config.model import SecurityConfig
+from .schema import (
+    INT64_MAX,
+    INT64_MIN,
+    OperationSpec,
+    OpKind,
+    Param,
+    Protection,
+    Schema,
+)
 from .security.guard import AUTH_OPERATIONS, SessionGuard
 from .security.policy import SecurityPolicy, StaticPolicy
 from .security.session import ServerSession

@@ -18,10 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import AuthenticationFailed, CallTimeout, DecryptionFailed, RemoteError
-from .security.amp import ClientHandshake, Challenge, Grant, PasswordSecret, UserSecret
+from .security.amp import Challenge, ClientHandshake, Grant, PasswordSecret, UserSecret
 from .security.policy import DEFAULT_USER
 from .security.primitives import KdfParams
-from .security.session import ClientSession, SessionGrant, client_session, delivery_context
+from .security.session import (
+    ClientSession,
+    SessionGrant,
+    client_session,
+    delivery_context,
+)
 from .transport.rpc import RpcConnection
 
 __all__ = ["Credentials", "SessionManager", "RENEW_MARGIN"]

@@ -23,7 +23,6 @@ from ubicore.errors import (
     AuthenticationRequired,
     DecryptionFailed,
     PermissionDenied,
-    RemoteError,
 )
 from ubicore.protocol.codec import (
     encode_heartbeat,
@@ -35,13 +34,27 @@ from ubicore.protocol.codec import (
     parse_server_message,
     unpack,
 )
-from ubicore.protocol.messages import ErrorReply, Heartbeat, Rekey, Reply, Request, Sealed, SealedEvent
+from ubicore.protocol.messages import (
+    ErrorReply,
+    Heartbeat,
+    Rekey,
+    Reply,
+    Request,
+    Sealed,
+    SealedEvent,
+)
 from ubicore.schema import Column, Protection, Relation, Schema, read, update
 from ubicore.security.amp import ClientHandshake, PasswordSecret
 from ubicore.security.guard import MAX_PENDING_PER_PEER, SessionGuard
 from ubicore.security.policy import Right, StaticPolicy
 from ubicore.security.primitives import KdfParams, Secret
-from ubicore.security.session import MAX_MESSAGES_PER_KEY, ClientSession, SessionGrant, client_session, delivery_context
+from ubicore.security.session import (
+    MAX_MESSAGES_PER_KEY,
+    ClientSession,
+    SessionGrant,
+    client_session,
+    delivery_context,
+)
 from ubicore.sessions import Credentials, _challenge, _grant
 from ubicore.store import Store, Transaction
 

@@ -19,7 +19,12 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from ubicore.errors import DecryptionFailed, UbiError
 from ubicore.security import primitives as P
-from ubicore.security.primitives import DegenerateScalar, InvalidElement, KdfParams, Secret
+from ubicore.security.primitives import (
+    DegenerateScalar,
+    InvalidElement,
+    KdfParams,
+    Secret,
+)
 
 # --- a tiny, independent edwards25519 (affine, complete addition; tests only) -----------------
 

@@ -10,7 +10,6 @@ ends get the same grant and K_sess, and the tests then vary one parameter of one
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,8 +18,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ubicore.errors import DecryptionFailed
-from ubicore.protocol.codec import encode_heartbeat, encode_reply, encode_error, encode_delta
-from ubicore.protocol.messages import Change, Delta, ErrorReply, Heartbeat, Rekey, Reply, Request, SealedEvent
+from ubicore.protocol.codec import (
+    encode_delta,
+    encode_error,
+    encode_heartbeat,
+    encode_reply,
+)
+from ubicore.protocol.messages import (
+    Change,
+    Delta,
+    ErrorReply,
+    Heartbeat,
+    Rekey,
+    Reply,
+    Request,
+)
 from ubicore.security.primitives import Secret, random_key
 from ubicore.security.session import (
     GROUP_KEYS_KEPT,

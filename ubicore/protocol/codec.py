@@ -24,6 +24,7 @@ from .messages import (
     INSTANCE_ID_BYTES,
     MAGIC,
     PROTOCOL_VERSION,
+    SESSION_ID_BYTES,
     Change,
     ChannelMessage,
     Delta,
@@ -36,7 +37,6 @@ from .messages import (
     Sealed,
     SealedEvent,
     ServerMessage,
-    SESSION_ID_BYTES,
     Welcome,
 )
 

@@ -24,7 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CallTimeout, DecryptionFailed, ProtocolError, RemoteError, remote_error_from_wire
+from ..errors import (
+    CallTimeout,
+    DecryptionFailed,
+    ProtocolError,
+    RemoteError,
+    remote_error_from_wire,
+)
 from .codec import encode_request, encode_sealed_request, parse_server_message
 from .messages import ErrorReply, Reply, Request, Sealed
 

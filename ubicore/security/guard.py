@@ -25,7 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config.model import SecurityConfig
-from ..errors import AuthenticationFailed, AuthenticationRequired, DecryptionFailed, PermissionDenied
+from ..errors import (
+    AuthenticationFailed,
+    AuthenticationRequired,
+    DecryptionFailed,
+    PermissionDenied,
+)
 from ..protocol.codec import encode_rekey, encode_sealed_event, encode_sealed_reply
 from ..protocol.messages import Rekey, Request, Sealed
 from ..schema import Protection
@@ -33,8 +38,8 @@ from .amp import Challenge, Confirm, Hello, ServerHandshake
 from .policy import Right, SecurityPolicy
 from .primitives import KdfParams, Rng
 from .session import (
-    GroupKeys,
     MAX_MESSAGES_PER_KEY,
+    GroupKeys,
     ServerSession,
     SessionExhausted,
     SessionGrant,

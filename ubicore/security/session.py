@@ -30,8 +30,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..errors import AuthenticationRequired, DecryptionFailed, ProtocolError
-from ..protocol.codec import inner_bytes, pack, parse_inner_event, parse_inner_reply, parse_request_body, request_body, unpack
+from ..protocol.codec import (
+    inner_bytes,
+    pack,
+    parse_inner_event,
+    parse_inner_reply,
+    parse_request_body,
+    request_body,
+    unpack,
+)
 from ..protocol.messages import (
+    SESSION_ID_BYTES,
     Delta,
     Heartbeat,
     Rekey,
@@ -39,7 +48,6 @@ from ..protocol.messages import (
     Sealed,
     SealedEvent,
     ServerMessage,
-    SESSION_ID_BYTES,
 )
 from . import primitives as P
 from .primitives import Aead, Rng, Secret

@@ -16,7 +16,11 @@ from typing import Any
 
 from ..dispatch import InstanceCore
 from ..protocol.channel import Batch, ChannelFollower
-from ..protocol.codec import encode_delta_batches, encode_heartbeat, parse_channel_message
+from ..protocol.codec import (
+    encode_delta_batches,
+    encode_heartbeat,
+    parse_channel_message,
+)
 from ..protocol.messages import Delta, Heartbeat, Welcome
 from ..protocol.rpc import Outcome, RpcCaller
 
