@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -148,16 +149,21 @@ def users_passwd(ctx: click.Context, name: str, generate: bool) -> None:
     click.echo(f"password of {name} changed")
 
 
+def _edit_user(ctx: click.Context, name: str, change: Callable[[FileSecurityStore], None], done: str) -> None:
+    """Apply ``change`` to the store if ``name`` is a user; say ``done``."""
+    store = _store(ctx)
+    _known(store, name)
+    change(store)
+    click.echo(done)
+
+
 @users.command("right")
 @click.argument("name")
 @click.argument("right", type=click.Choice(RIGHTS))
 @click.pass_context
 def users_right(ctx: click.Context, name: str, right: str) -> None:
     """Set a user's right on every schema (none, read, update)."""
-    store = _store(ctx)
-    _known(store, name)
-    store.set_right(name, Right[right.upper()])
-    click.echo(f"{name} now has {right}")
+    _edit_user(ctx, name, lambda st: st.set_right(name, Right[right.upper()]), f"{name} now has {right}")
 
 
 @users.command("enable")
@@ -165,10 +171,7 @@ def users_right(ctx: click.Context, name: str, right: str) -> None:
 @click.pass_context
 def users_enable(ctx: click.Context, name: str) -> None:
     """Let a disabled user log in again."""
-    store = _store(ctx)
-    _known(store, name)
-    store.set_enabled(name, True)
-    click.echo(f"{name} enabled")
+    _edit_user(ctx, name, lambda st: st.set_enabled(name, True), f"{name} enabled")
 
 
 @users.command("disable")
@@ -176,10 +179,7 @@ def users_enable(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def users_disable(ctx: click.Context, name: str) -> None:
     """Refuse a user's logins and end its sessions (full channels rotate their key)."""
-    store = _store(ctx)
-    _known(store, name)
-    store.set_enabled(name, False)
-    click.echo(f"{name} disabled")
+    _edit_user(ctx, name, lambda st: st.set_enabled(name, False), f"{name} disabled")
 
 
 @users.command("remove")
@@ -187,10 +187,7 @@ def users_disable(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def users_remove(ctx: click.Context, name: str) -> None:
     """Remove a user (removing default turns anonymous access off)."""
-    store = _store(ctx)
-    _known(store, name)
-    store.remove_user(name)
-    click.echo(f"removed {name}")
+    _edit_user(ctx, name, lambda st: st.remove_user(name), f"removed {name}")
 
 
 @security.group()
