@@ -191,13 +191,18 @@ class _Joined:
     def _on_message(self, msg: ChannelMessage) -> None:
         if isinstance(msg, SealedEvent):
             session = self._link.channel_session(self.binding)
-            if session is None or not session.group.has(msg.epoch):
+            foreign = session is None or session.instance_id != msg.instance_id  # a restart, say
+            if foreign or not session.group.has(msg.epoch):  # type: ignore[union-attr]
                 self.undecryptable += 1
-                if self.follower.state is FollowState.LIVE and (session is None or msg.epoch > max(session.group.epochs, default=0)):
-                    # keys we do not hold yet (a rekey we missed): fetch them and re-dump
+                if self.follower.state is FollowState.LIVE and (
+                    foreign or msg.epoch > max(session.group.epochs, default=0)  # type: ignore[union-attr]
+                ):
+                    # keys we do not hold (a rekey we missed, a new instance): log in or
+                    # fetch them as needed, and re-dump
                     self.follower.resync(ResyncReason.GAP)
                     self._note_resync(ResyncReason.GAP)
                 return
+            assert session is not None
             if self._renewal is None and self._link.session_expired(session):
                 # Renew before the instance drops the session from its rekeys: a new
                 # login (its grant carries the keys) and the ring carries over.
