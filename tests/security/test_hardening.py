@@ -15,7 +15,7 @@ from ubicore.security.session import MAX_MESSAGES_PER_KEY, SessionExhausted
 from ubicore.sessions import _challenge
 
 from ..test_cache_unit import IID, FakeInstance, FakeLink
-from .test_guard import _confirm_args, _hello, login, make_guard, request
+from .guard_support import _confirm_args, _hello, login, make_guard, request
 
 
 def test_a_full_channel_drops_clear_events() -> None:

@@ -26,8 +26,8 @@ from ubicore.security.policy import (
 )
 from ubicore.security.primitives import KdfParams
 
-from .test_guard import CELL, IID, SCHEMA, can_read, event, login, make_guard
-from .test_session import assert_redacted
+from .guard_support import CELL, IID, SCHEMA, can_read, event, login, make_guard
+from .session_support import assert_redacted
 
 KDF = KdfParams(t=1, p=1, m_kib=64)
 SITE = "policy-site"

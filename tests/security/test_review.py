@@ -39,8 +39,8 @@ from ubicore.sessions import Credentials, SessionManager
 from ubicore.testing.site import COUNTER, OPERATOR, TEST_KDF, run_async, running_site
 from ubicore.transport.rpc import RpcConnection
 
-from .test_attacks import FULL_COUNTER, GUARD_S, counter_at, wait_until
-from .test_guard import KDF, Clock, login, make_guard, make_policy
+from .attack_support import FULL_COUNTER, GUARD_S, counter_at, wait_until
+from .guard_support import KDF, Clock, login, make_guard, make_policy
 
 UPDATE_COUNTER = [counter_at("Site", "update")]
 

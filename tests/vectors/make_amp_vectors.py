@@ -6,7 +6,7 @@ Run once, from the repository root::
     python -m tests.vectors.make_amp_vectors --force  # only for a new profile version
 
 The inputs below are fixed; every intermediate is computed by the profile's algebra in
-closed form (``spec_exchange`` in tests/security/test_amp.py, integers and hashlib, not
+closed form (``spec_exchange`` in tests/security/amp_reference.py, integers and hashlib, not
 amp.py), then the same exchange is replayed through the real handshake objects with the
 same injected randomness and must agree before anything is written. Once frozen, the
 vectors are a record: a change to amp.py that alters any value is a protocol change.
@@ -19,7 +19,12 @@ import json
 import sys
 from pathlib import Path
 
-from tests.security.test_amp import SUITE, replay_with_objects, spec_exchange, spec_fake_record
+from tests.security.amp_reference import (
+    SUITE,
+    replay_with_objects,
+    spec_exchange,
+    spec_fake_record,
+)
 from ubicore.security.primitives import KdfParams
 
 OUT = Path(__file__).resolve().parent / "amp_v1.json"
