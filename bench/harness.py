@@ -1,9 +1,11 @@
-"""Plumbing shared by the benchmarks: child processes, free ports, statistics, machine facts.
+"""Plumbing shared by the benchmarks: child processes, site files on free ports,
+statistics, machine facts.
 
 A :class:`Child` runs ``python bench/<script> ...`` with a pipe on its stdin and stdout.
 It prints one line ``READY <json>`` once it serves, and exits when its stdin closes
-(so a bench process that dies takes its children with it). :meth:`Child.close` closes
-stdin, waits, then terminates and finally kills: every child ends, whatever happened.
+(so a bench process that dies takes its children with it; :mod:`childproc` is the
+child's side). :meth:`Child.close` (or leaving ``with Child(...)``) closes stdin, waits,
+then terminates and finally kills: every child ends, whatever happened.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 BENCH_DIR = Path(__file__).resolve().parent
 READY_PREFIX = "READY "
@@ -40,6 +42,39 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+SITE_TEMPLATE = """\
+site: {site}
+dataset: {dataset}
+imports: [{imports}]
+core: {{host: bench, rpc_port: {rpc}, event_port: {events}}}
+hosts:
+  bench: {{address: 127.0.0.1}}
+cells:
+  Site:
+    level: site
+    host: bench
+    children:
+{zones}deployments:
+{deployments}"""
+
+
+def write_site(directory: Path, site: str, dataset: Path, imports: str,
+               deployments: Sequence[Mapping[str, str]]) -> Path:
+    """Write ``directory/<site>.yaml``: one host (127.0.0.1), the core on two free ports,
+    a zone under ``Site`` for each deployment's cell, the deployments (each a flow
+    mapping of its items, in order)."""
+    rpc = free_port()
+    events = free_port()
+    while events == rpc:
+        events = free_port()
+    zones = "".join(f"      {cell}: {{level: zone}}\n" for cell in dict.fromkeys(d["cell"] for d in deployments))
+    lines = "".join("  - {" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}\n" for d in deployments)
+    path = directory / f"{site}.yaml"
+    path.write_text(SITE_TEMPLATE.format(site=site, dataset=dataset, imports=imports, rpc=rpc, events=events,
+                                         zones=zones, deployments=lines))
+    return path
 
 
 class Child:
@@ -80,6 +115,12 @@ class Child:
         if not line.startswith(READY_PREFIX):
             raise RuntimeError(f"{self.name} said {line!r} instead of READY:\n{self.log_tail()}")
         return dict(json.loads(line[len(READY_PREFIX):]))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def log_tail(self, chars: int = 3000) -> str:
         try:
@@ -124,10 +165,22 @@ def median(values: Sequence[float]) -> float:
     return percentile(sorted(values), 0.5)
 
 
+def percentile_us(latencies_s: Sequence[float], q: float) -> float:
+    """The q-percentile of latencies in seconds, in µs rounded to 0.1."""
+    return round(percentile(sorted(latencies_s), q) * 1e6, 1)
+
+
 def ratio(ours: float, raw: float) -> float | None:
     if not raw or math.isnan(ours) or math.isnan(raw):
         return None
     return round(ours / raw, 3)
+
+
+def paired_ratio(ours: Sequence[float], base: Sequence[float]) -> tuple[float | None, list[float | None]]:
+    """Per-repetition ratios ours[i] / base[i], and their median (None if none is defined)."""
+    runs = [ratio(o, b) for o, b in zip(ours, base)]
+    defined = [r for r in runs if r is not None]
+    return (median(defined) if defined else None), runs
 
 
 def machine() -> dict[str, Any]:

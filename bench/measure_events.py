@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from harness import MEASURE_TIMEOUT_S, Child, log, median, ratio
+from harness import MEASURE_TIMEOUT_S, Child, log, median, paired_ratio
 from ubicore.cache import Cache
 from ubicore.client import Client
 
@@ -83,12 +83,24 @@ class RawEvents:
             self.sub.recv()
 
     def run(self, n: int, size: int, timeout_s: float) -> dict[str, Any]:
-        sub_recv = self.sub.recv
-        count = 0
         t0 = time.perf_counter()
-        t_end = t0
         deadline = t0 + timeout_s
         self._command("run", n, size)
+        count, t_end = self._receive(n, size, t0, deadline)
+        if count < n:
+            t_end = time.perf_counter() - (RAW_IDLE_MS / 1000 if t_end < deadline else 0)
+            while self.sub.poll(200):  # drain what is still in flight before the next run
+                self.sub.recv()
+        elapsed = max(t_end - t0, 1e-9)
+        return {"eps": count / elapsed, "received": count, "dropped": n - count, "elapsed_s": elapsed,
+                "complete": count == n}
+
+    def _receive(self, n: int, size: int, t0: float, deadline: float) -> tuple[int, float]:
+        """Receive up to ``n`` messages (the hot loop; subclasses open them): how many
+        arrived, and when the last one did (checked every 1024 messages, and at the end)."""
+        sub_recv = self.sub.recv
+        count = 0
+        t_end = t0
         try:
             while count < n:
                 sub_recv()
@@ -100,13 +112,7 @@ class RawEvents:
             t_end = time.perf_counter()
         except zmq.Again:  # idle for RAW_IDLE_MS: the rest was dropped
             pass
-        if count < n:
-            t_end = time.perf_counter() - (RAW_IDLE_MS / 1000 if t_end < deadline else 0)
-            while self.sub.poll(200):  # drain what is still in flight before the next run
-                self.sub.recv()
-        elapsed = max(t_end - t0, 1e-9)
-        return {"eps": count / elapsed, "received": count, "dropped": n - count, "elapsed_s": elapsed,
-                "complete": count == n}
+        return count, t_end
 
     def close(self) -> None:
         self.ctl.close(0)
@@ -114,11 +120,14 @@ class RawEvents:
         self.ctx.term()
 
 
-class OursEvents:
-    """The bench side of ours: a Cache of the stream and a counting callback."""
+class CountingCache:
+    """A Cache of one instance whose ``on_change`` callback counts changes; a run's clock
+    stops at the ``target``-th (a subclass may count only some changes)."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, cell: str, schema: str) -> None:
         self.client = client
+        self.cell = cell
+        self.schema = schema
         self.cache: Cache | None = None
         self.count = 0
         self.target = 0
@@ -126,7 +135,7 @@ class OursEvents:
         self.done = asyncio.Event()
 
     async def setup(self) -> None:
-        self.cache = await self.client.cache(STREAM_CELL, STREAM, timeout_s=10.0)
+        self.cache = await self.client.cache(self.cell, self.schema, timeout_s=10.0)
         self.cache.on_change(self._on_change)
 
     def _on_change(self, relation: str, old: Any, new: Any) -> None:
@@ -134,6 +143,31 @@ class OursEvents:
         if self.count == self.target:
             self.t_end = time.perf_counter()
             self.done.set()
+
+    async def arm(self, n: int) -> None:
+        """Count from zero to ``n``."""
+        await asyncio.sleep(0.05)  # let the last run's tail (heartbeats) settle
+        self.count, self.target, self.t_end = 0, n, 0.0
+        self.done.clear()
+
+    async def wait(self, t0: float, timeout_s: float) -> float | None:
+        """Seconds from ``t0`` to the target-th change; None if it did not come within ``timeout_s``."""
+        try:
+            await asyncio.wait_for(self.done.wait(), timeout_s)
+        except TimeoutError:
+            return None
+        return self.t_end - t0
+
+    async def close(self) -> None:
+        if self.cache is not None:
+            await self.cache.close()
+
+
+class OursEvents(CountingCache):
+    """The bench side of ours: a Cache of the stream and a callback counting every change."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(client, STREAM_CELL, STREAM)
 
     async def wait_idle(self) -> None:
         deadline = time.monotonic() + IDLE_TIMEOUT_S
@@ -147,17 +181,13 @@ class OursEvents:
     async def run(self, n: int, v: Variant, timeout_s: float) -> dict[str, Any]:
         assert self.cache is not None
         await self.wait_idle()
-        await asyncio.sleep(0.05)  # let the last run's tail (heartbeats) settle
-        self.count, self.target, self.t_end = 0, n, 0.0
-        self.done.clear()
+        await self.arm(n)
         resyncs = self.cache.resyncs
         t0 = time.perf_counter()
         await self.client.call(STREAM_CELL, STREAM, "burst", n=n, size=v.size, per_commit=v.per_commit,
                                yield_every=v.yield_every)
-        try:
-            await asyncio.wait_for(self.done.wait(), timeout_s)
-            elapsed = self.t_end - t0
-        except asyncio.TimeoutError:
+        elapsed = await self.wait(t0, timeout_s)
+        if elapsed is None:
             elapsed = time.perf_counter() - t0
             await self.client.call(STREAM_CELL, STREAM, "cancel")
         received = self.count
@@ -168,8 +198,7 @@ class OursEvents:
 def _summary(v: Variant, n: int, ours: list[dict[str, Any]], raw: list[dict[str, Any]]) -> dict[str, Any]:
     ours_eps = median([x["eps"] for x in ours])
     raw_eps = median([x["eps"] for x in raw])
-    paired = [ratio(o["eps"], w["eps"]) for o, w in zip(ours, raw)]
-    r = median([p for p in paired if p is not None]) if any(p is not None for p in paired) else None
+    r, paired = paired_ratio([x["eps"] for x in ours], [x["eps"] for x in raw])
     return {
         "events": n,
         "payload_bytes": v.size,
@@ -220,6 +249,5 @@ async def bench_events(client: Client, n: int, reps: int, only: str | None = Non
         if raw is not None:
             raw.close()
         child.close()
-        if ours.cache is not None:
-            await ours.cache.close()
+        await ours.close()
     return out

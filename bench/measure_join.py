@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from harness import MEASURE_TIMEOUT_S, Child, log, median, ratio
+from harness import MEASURE_TIMEOUT_S, Child, log, median, paired_ratio
 from ubicore.client import Client
 
 TABLE = "UBench::Table"
@@ -89,12 +89,11 @@ async def bench_join(client: Client, rows: int, reps: int) -> dict[str, Any]:
     finally:
         child.close()
     ours_s, raw_s = median(ours_runs), median(raw_runs)
-    paired = [r for r in (ratio(o, w) for o, w in zip(ours_runs, raw_runs)) if r is not None]
     return {
         "rows": rows,
         "ubicore_s": round(ours_s, 4),
         "raw_s": round(raw_s, 4),
-        "ratio": median(paired) if paired else None,
+        "ratio": paired_ratio(ours_runs, raw_runs)[0],
         "ubicore_get_dump_call_s": round(median(dump_calls), 4),
         "target": f"ubicore_s < {TARGET_S}",
         "met": ours_s < TARGET_S,

@@ -28,7 +28,7 @@ pooled percentiles (rpc).
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import struct
 import time
 from pathlib import Path
@@ -37,11 +37,11 @@ from typing import Any
 import msgpack
 import zmq
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from harness import MEASURE_TIMEOUT_S, Child, free_port, log, median, percentile, ratio
-from measure_events import RAW_HWM, RawEvents
+from harness import MEASURE_TIMEOUT_S, Child, log, median, paired_ratio, percentile_us, ratio, write_site
+from measure_events import RAW_HWM, CountingCache, RawEvents
 from measure_rpc import RawRpc
+from raw_aead_child import AD_CONTEXT, BE8, PREFIX_C2S, PREFIX_EVENT, PREFIX_S2C
 
-from ubicore.cache import Cache
 from ubicore.client import Client
 from ubicore.security.policy import FileSecurityStore, Right
 from ubicore.security.primitives import DEFAULT_KDF
@@ -62,40 +62,14 @@ TARGET_FULL_EVENTS = 0.8
 TARGET_UPDATE_RPC = 1.2
 """update RPC p50 ≤ 1.2 × open RPC p50."""
 _ID = struct.Struct("<Q")
-_BE8 = struct.Struct(">Q")
-
-SECURITY_SITE_TEMPLATE = """\
-site: {site}
-dataset: {dataset}
-imports: [ubicore.testing.schemas]
-core: {{host: bench, rpc_port: {rpc}, event_port: {events}}}
-hosts:
-  bench: {{address: 127.0.0.1}}
-cells:
-  Site:
-    level: site
-    host: bench
-    children:
-      Sec-Open: {{level: zone}}
-      Sec-Update: {{level: zone}}
-      Sec-Full: {{level: zone}}
-deployments:
-  - {{schema: UTest::Counter, cell: Sec-Open, protection: open}}
-  - {{schema: UTest::Counter, cell: Sec-Update, protection: update}}
-  - {{schema: UTest::Counter, cell: Sec-Full, protection: full}}
-"""
 
 
 def write_security_site(directory: Path) -> Path:
     """The site file and its security store (operator with test costs, bench-a2id with
     the default Argon2id costs)."""
-    rpc = free_port()
-    events = free_port()
-    while events == rpc:
-        events = free_port()
     dataset = directory / "dataset"
-    path = directory / "ubench-sec.yaml"
-    path.write_text(SECURITY_SITE_TEMPLATE.format(site=SITE_NAME, dataset=dataset, rpc=rpc, events=events))
+    path = write_site(directory, SITE_NAME, dataset, "ubicore.testing.schemas",
+                      [{"schema": COUNTER, "cell": CELLS[lv], "protection": lv} for lv in LEVELS])
     store = FileSecurityStore(dataset, SITE_NAME, kdf=TEST_KDF)
     store.init()
     store.set_user(OPERATOR[0], OPERATOR[1], Right.UPDATE)
@@ -107,22 +81,12 @@ def write_security_site(directory: Path) -> Path:
 # --- events -------------------------------------------------------------------------------------
 
 
-class LevelEvents:
+class LevelEvents(CountingCache):
     """A Cache of one level's Counter and a callback counting ``counters`` changes."""
 
     def __init__(self, client: Client, level: str) -> None:
-        self.client = client
+        super().__init__(client, CELLS[level], COUNTER)
         self.level = level
-        self.cell = CELLS[level]
-        self.cache: Cache | None = None
-        self.count = 0
-        self.target = 0
-        self.t_end = 0.0
-        self.done = asyncio.Event()
-
-    async def setup(self) -> None:
-        self.cache = await self.client.cache(self.cell, COUNTER, timeout_s=10.0)
-        self.cache.on_change(self._on_change)
 
     def _on_change(self, relation: str, old: Any, new: Any) -> None:
         if relation == "counters":
@@ -134,16 +98,12 @@ class LevelEvents:
     async def run(self, n: int, timeout_s: float) -> dict[str, Any]:
         cache = self.cache
         assert cache is not None
-        await asyncio.sleep(0.05)  # let the last run's tail (heartbeats) settle
-        self.count, self.target, self.t_end = 0, n, 0.0
-        self.done.clear()
+        await self.arm(n)
         resyncs, undecryptable, rejected = cache.resyncs, cache.undecryptable, cache.rejected
         t0 = time.perf_counter()
         burst = await self.client.call(self.cell, COUNTER, "burst", n=n, keys=EVENT_KEYS, size=EVENT_SIZE)
-        try:
-            await asyncio.wait_for(self.done.wait(), timeout_s)
-            elapsed = self.t_end - t0
-        except TimeoutError:
+        elapsed = await self.wait(t0, timeout_s)
+        if elapsed is None:
             elapsed = time.perf_counter() - t0
         received = self.count
         # the instance marks the burst done after its last commit: wait for it before the next run
@@ -153,10 +113,6 @@ class LevelEvents:
                 "resyncs": cache.resyncs - resyncs, "undecryptable": cache.undecryptable - undecryptable,
                 "rejected": cache.rejected - rejected}
 
-    async def close(self) -> None:
-        if self.cache is not None:
-            await self.cache.close()
-
 
 class RawAeadEvents(RawEvents):
     """The raw baseline that opens every event with AES-128-GCM (``raw_aead_child.py pub``)."""
@@ -164,22 +120,17 @@ class RawAeadEvents(RawEvents):
     def __init__(self, child: Child) -> None:
         super().__init__(child)
         self.aead = AESGCM(bytes.fromhex(child.info["key"]))
-        self.ad_context = b"raw-aead-v1 " + b"\x5a" * 52
         self.failures = 0
 
-    def run(self, n: int, size: int, timeout_s: float) -> dict[str, Any]:
-        sub_recv, decrypt, ctx = self.sub.recv, self.aead.decrypt, self.ad_context
-        prefix = b"\0\0\0\3"
+    def _receive(self, n: int, size: int, t0: float, deadline: float) -> tuple[int, float]:
+        sub_recv, decrypt = self.sub.recv, self.aead.decrypt
         count = 0
-        t0 = time.perf_counter()
         t_end = t0
-        deadline = t0 + timeout_s
-        self._command("run", n, size)
         try:
             while count < n:
                 msg = sub_recv()
                 c = msg[:8]
-                plain = decrypt(prefix + c, msg[8:], ctx + c)
+                plain = decrypt(PREFIX_EVENT + c, msg[8:], AD_CONTEXT + c)
                 if len(plain) != size:
                     self.failures += 1
                 count += 1
@@ -190,13 +141,7 @@ class RawAeadEvents(RawEvents):
             t_end = time.perf_counter()
         except zmq.Again:
             pass
-        if count < n:
-            t_end = time.perf_counter() - (1.0 if t_end < deadline else 0)
-            while self.sub.poll(200):
-                self.sub.recv()
-        elapsed = max(t_end - t0, 1e-9)
-        return {"eps": count / elapsed, "received": count, "dropped": n - count, "elapsed_s": elapsed,
-                "complete": count == n}
+        return count, t_end
 
 
 # --- rpc ----------------------------------------------------------------------------------------
@@ -221,33 +166,28 @@ async def ours_bump(client: Client, level: str, calls: int, timeout_s: float) ->
     return lat
 
 
-class RawAeadRpc:
+class RawAeadRpc(RawRpc):
     """A blocking DEALER that seals each request and opens each reply (``raw_aead_child.py echo``)."""
 
     def __init__(self, child: Child) -> None:
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RCVTIMEO, 2000)
-        self.sock.connect(child.info["rpc"])
+        super().__init__(child.info["rpc"], msgpack.packb([1, COUNTER, CELLS["full"], "bump", {"name": RPC_COUNTER},
+                                                            5000]))
         self.c2s = AESGCM(bytes.fromhex(child.info["c2s"]))
         self.s2c = AESGCM(bytes.fromhex(child.info["s2c"]))
-        self.ad_context = b"raw-aead-v1 " + b"\x5a" * 52
-        self.body = msgpack.packb([1, COUNTER, CELLS["full"], "bump", {"name": RPC_COUNTER}, 5000])
         self.counter = 0
 
     def sequential(self, calls: int, timeout_s: float) -> list[float]:
         send, recv, clock, body = self.sock.send_multipart, self.sock.recv_multipart, time.perf_counter, self.body
-        encrypt, decrypt, ctx, be8 = self.c2s.encrypt, self.s2c.decrypt, self.ad_context, _BE8.pack
+        encrypt, decrypt, ctx, be8 = self.c2s.encrypt, self.s2c.decrypt, AD_CONTEXT, BE8.pack
         lat: list[float] = []
         deadline = clock() + timeout_s
         for i in range(calls):
             t0 = clock()
             self.counter += 1
             c = be8(self.counter)
-            send([_ID.pack(i), c, encrypt(b"\0\0\0\1" + c, body, ctx + c)])
+            send([_ID.pack(i), c, encrypt(PREFIX_C2S + c, body, ctx + c)])
             rid, rc, ct = recv()
-            plain = decrypt(b"\0\0\0\2" + rc, ct, ctx + rc)
+            plain = decrypt(PREFIX_S2C + rc, ct, ctx + rc)
             t1 = clock()
             if _ID.unpack(rid)[0] != i or plain != body:
                 raise RuntimeError("raw aead echo out of order")
@@ -256,31 +196,24 @@ class RawAeadRpc:
                 break
         return lat
 
-    def close(self) -> None:
-        self.sock.close(0)
-        self.ctx.term()
-
-
-def _us(latencies_s: list[float], q: float) -> float:
-    return round(percentile(sorted(latencies_s), q) * 1e6, 1)
-
 
 # --- the section --------------------------------------------------------------------------------
 
 
 async def _events(client: Client, n: int, reps: int) -> dict[str, Any]:
     ours = {lv: LevelEvents(client, lv) for lv in LEVELS}
-    raw_child: Child | None = None
-    aead_child: Child | None = None
-    raw: RawEvents | None = None
-    raw_aead: RawAeadEvents | None = None
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        for lv in LEVELS:
+            stack.push_async_callback(ours[lv].close)
         for lv in LEVELS:
             await ours[lv].setup()
             await ours[lv].run(min(n, 5000), MEASURE_TIMEOUT_S)  # warm-up; the first pass inserts the keys
-        raw_child = Child("raw_child.py", "pub", str(RAW_HWM))
-        aead_child = Child("raw_aead_child.py", "pub", str(RAW_HWM))
-        raw, raw_aead = RawEvents(raw_child), RawAeadEvents(aead_child)
+        raw_child = stack.enter_context(Child("raw_child.py", "pub", str(RAW_HWM)))
+        aead_child = stack.enter_context(Child("raw_aead_child.py", "pub", str(RAW_HWM)))
+        raw = RawEvents(raw_child)
+        stack.callback(raw.close)
+        raw_aead = RawAeadEvents(aead_child)
+        stack.callback(raw_aead.close)
         for r in (raw, raw_aead):
             r.handshake()
             r.run(min(n, 5000), EVENT_SIZE, MEASURE_TIMEOUT_S)
@@ -293,23 +226,12 @@ async def _events(client: Client, n: int, reps: int) -> dict[str, Any]:
             log(f"[levels] events rep {rep + 1}/{reps}: "
                 + ", ".join(f"{k} {v[-1]['eps']:,.0f} ev/s{'' if v[-1]['complete'] else ' (INCOMPLETE)'}"
                             for k, v in runs.items()))
-    finally:
-        for o in ours.values():
-            await o.close()
-        for events in (raw, raw_aead):
-            if events is not None:
-                events.close()
-        for c in (raw_child, aead_child):
-            if c is not None:
-                c.close()
 
     def med(key: str) -> float:
         return median([x["eps"] for x in runs[key]])
 
     def paired(a: str, b: str) -> tuple[float | None, list[float | None]]:
-        rs = [ratio(x["eps"], y["eps"]) for x, y in zip(runs[a], runs[b])]
-        ok = [r for r in rs if r is not None]
-        return (median(ok) if ok else None), rs
+        return paired_ratio([x["eps"] for x in runs[a]], [x["eps"] for x in runs[b]])
 
     out: dict[str, Any] = {"events": n, "payload_bytes": EVENT_SIZE, "keys": EVENT_KEYS,
                            "raw_eps": round(med("raw")), "raw_aead_eps": round(med("raw_aead")),
@@ -337,15 +259,14 @@ async def _events(client: Client, n: int, reps: int) -> dict[str, Any]:
 
 
 async def _rpc(client: Client, calls: int, reps: int) -> dict[str, Any]:
-    raw_child: Child | None = None
-    aead_child: Child | None = None
-    raw: RawRpc | None = None
-    raw_aead: RawAeadRpc | None = None
     pooled: dict[str, list[float]] = {k: [] for k in (*LEVELS, "raw", "raw_aead")}
-    try:
-        raw_child = Child("raw_child.py", "echo")
-        aead_child = Child("raw_aead_child.py", "echo")
-        raw, raw_aead = RawRpc(raw_child.info["rpc"]), RawAeadRpc(aead_child)
+    with contextlib.ExitStack() as stack:
+        raw_child = stack.enter_context(Child("raw_child.py", "echo"))
+        aead_child = stack.enter_context(Child("raw_aead_child.py", "echo"))
+        raw = RawRpc(raw_child.info["rpc"])
+        stack.callback(raw.close)
+        raw_aead = RawAeadRpc(aead_child)
+        stack.callback(raw_aead.close)
         for lv in LEVELS:  # logs in at update and full, then warms up
             await ours_bump(client, lv, 300, MEASURE_TIMEOUT_S)
         raw.sequential(300, MEASURE_TIMEOUT_S)
@@ -359,22 +280,16 @@ async def _rpc(client: Client, calls: int, reps: int) -> dict[str, Any]:
             for k, v in this.items():
                 pooled[k].extend(v)
             log(f"[levels] rpc rep {rep + 1}/{reps}: "
-                + ", ".join(f"{k} p50 {_us(v, 0.5)} µs p99 {_us(v, 0.99)} µs" for k, v in this.items()))
-    finally:
-        for r in (raw, raw_aead):
-            if r is not None:
-                r.close()
-        for c in (raw_child, aead_child):
-            if c is not None:
-                c.close()
-    raw50, raw99 = _us(pooled["raw"], 0.5), _us(pooled["raw"], 0.99)
-    aead50, aead99 = _us(pooled["raw_aead"], 0.5), _us(pooled["raw_aead"], 0.99)
-    open50 = _us(pooled["open"], 0.5)
+                + ", ".join(f"{k} p50 {percentile_us(v, 0.5)} µs p99 {percentile_us(v, 0.99)} µs"
+                            for k, v in this.items()))
+    raw50, raw99 = percentile_us(pooled["raw"], 0.5), percentile_us(pooled["raw"], 0.99)
+    aead50, aead99 = percentile_us(pooled["raw_aead"], 0.5), percentile_us(pooled["raw_aead"], 0.99)
+    open50 = percentile_us(pooled["open"], 0.5)
     out: dict[str, Any] = {"operation": "bump", "calls_per_rep": calls,
                            "raw_p50_us": raw50, "raw_p99_us": raw99,
                            "raw_aead_p50_us": aead50, "raw_aead_p99_us": aead99}
     for lv in LEVELS:
-        p50, p99 = _us(pooled[lv], 0.5), _us(pooled[lv], 0.99)
+        p50, p99 = percentile_us(pooled[lv], 0.5), percentile_us(pooled[lv], 0.99)
         entry: dict[str, Any] = {"calls": len(pooled[lv]), "sealed": lv != "open",
                                  "ubicore_p50_us": p50, "ubicore_p99_us": p99,
                                  "ratio_p50_raw": ratio(p50, raw50), "ratio_p99_raw": ratio(p99, raw99),

@@ -148,10 +148,10 @@ def bench_rotation(sessions: int, reps: int) -> dict[str, Any]:
     try:
         for rep in range(reps + 2):
             t0 = time.perf_counter()
-            for frames in guard.rotate("periodic"):
-                ps.pub.send_multipart(frames)
-            msg = parse_channel_message(ps.sub.recv_multipart())
-            if not isinstance(msg, Rekey) or not me.open_rekey(msg):
+            for message in guard.rotate("periodic"):
+                ps.pub.send_multipart(message)
+            received = parse_channel_message(ps.sub.recv_multipart())
+            if not isinstance(received, Rekey) or not me.open_rekey(received):
                 raise RuntimeError("the subscriber found no entry in the published rekey")
             if rep >= 2:  # the first two warm the connection up
                 over_pub.append(time.perf_counter() - t0)

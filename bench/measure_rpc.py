@@ -23,7 +23,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from harness import MEASURE_TIMEOUT_S, Child, log, percentile, ratio
+from harness import MEASURE_TIMEOUT_S, Child, log, percentile_us, ratio
 from ubicore.client import Client
 from ubicore.transport.sockets import Pump, make_socket
 
@@ -36,8 +36,7 @@ _ID = struct.Struct("<Q")
 
 
 def _stats(latencies_s: list[float]) -> dict[str, float]:
-    s = sorted(latencies_s)
-    return {"p50_us": round(percentile(s, 0.50) * 1e6, 1), "p99_us": round(percentile(s, 0.99) * 1e6, 1)}
+    return {"p50_us": percentile_us(latencies_s, 0.50), "p99_us": percentile_us(latencies_s, 0.99)}
 
 
 async def ours_sequential(client: Client, calls: int, timeout_s: float) -> list[float]:
@@ -75,17 +74,20 @@ async def ours_in_flight(client: Client, calls: int, timeout_s: float) -> list[f
     return lat
 
 
-class RawRpc:
-    """A blocking DEALER on the raw child's ROUTER echo."""
+ECHO_BODY = msgpack.packb([1, STREAM, STREAM_CELL, "echo", {"x": 1}, 5000])
+"""A request body of the size of ours (header + msgpack of the same call)."""
 
-    def __init__(self, endpoint: str) -> None:
+
+class RawRpc:
+    """A blocking DEALER on the raw child's ROUTER echo, sending ``body`` each request."""
+
+    def __init__(self, endpoint: str, body: bytes = ECHO_BODY) -> None:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVTIMEO, RAW_RCVTIMEO_MS)
         self.sock.connect(endpoint)
-        # a request body of the size of ours (header + msgpack of the same call)
-        self.body = msgpack.packb([1, STREAM, STREAM_CELL, "echo", {"x": 1}, 5000])
+        self.body = body
 
     def sequential(self, calls: int, timeout_s: float) -> list[float]:
         send, recv, clock, body = self.sock.send_multipart, self.sock.recv_multipart, time.perf_counter, self.body
@@ -136,7 +138,7 @@ class PumpRpc:
         self.sock.connect(endpoint)
         self.pump = Pump(self.sock, self._on_frames)
         self.fut: asyncio.Future[list[bytes]] | None = None
-        self.body = msgpack.packb([1, STREAM, STREAM_CELL, "echo", {"x": 1}, 5000])
+        self.body = ECHO_BODY
 
     def _on_frames(self, frames: list[bytes]) -> None:
         if self.fut is not None and not self.fut.done():

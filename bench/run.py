@@ -25,13 +25,14 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Child, free_port, log, machine  # noqa: E402
+import harness  # noqa: E402
+from harness import Child, log, machine  # noqa: E402
 from measure_events import bench_events  # noqa: E402
 from measure_handshake import bench_handshake  # noqa: E402
 from measure_join import bench_join  # noqa: E402
@@ -40,7 +41,7 @@ from measure_rotation import bench_rotation  # noqa: E402
 from measure_rpc import bench_rpc  # noqa: E402
 
 from ubicore.client import Client  # noqa: E402
-from ubicore.config import load_site  # noqa: E402
+from ubicore.config import SiteConfig, load_site  # noqa: E402
 from ubicore.sessions import Credentials  # noqa: E402
 from ubicore.testing.schemas import COUNTER  # noqa: E402
 from ubicore.testing.site import OPERATOR  # noqa: E402
@@ -61,34 +62,12 @@ QUICK = {"events_n": 100_000, "events_reps": 1, "rpc_calls": 5000, "rpc_reps": 1
 FIND_WAIT_S = 15.0
 CHILD_CHECK_S = 0.5
 
-SITE_TEMPLATE = """\
-site: ubench
-dataset: {dataset}
-imports: [schemas]
-core: {{host: bench, rpc_port: {rpc}, event_port: {events}}}
-hosts:
-  bench: {{address: 127.0.0.1}}
-cells:
-  Site:
-    level: site
-    host: bench
-    children:
-      Bench-A: {{level: zone}}
-      Bench-B: {{level: zone}}
-deployments:
-  - {{schema: UBench::Stream, cell: Bench-A}}
-  - {{schema: UBench::Table, cell: Bench-B}}
-"""
-
 
 def write_site(directory: Path) -> Path:
-    rpc = free_port()
-    events = free_port()
-    while events == rpc:
-        events = free_port()
-    path = directory / "ubench.yaml"
-    path.write_text(SITE_TEMPLATE.format(dataset=directory / "dataset", rpc=rpc, events=events))
-    return path
+    """The UBench site: ``UBench::Stream`` at ``Bench-A``, ``UBench::Table`` at ``Bench-B``."""
+    return harness.write_site(directory, "ubench", directory / "dataset", "schemas",
+                              [{"schema": "UBench::Stream", "cell": "Bench-A"},
+                               {"schema": "UBench::Table", "cell": "Bench-B"}])
 
 
 async def _watched(section: Awaitable[dict[str, Any]], child: Child) -> dict[str, Any]:
@@ -159,65 +138,60 @@ async def _sync(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]
     return fn(*args)  # synchronous and short, in-process: no child, nothing else on the loop
 
 
+Runner = Callable[[Client, SiteConfig], Awaitable[dict[str, Any]]]
+
+
+async def _against_child(args: argparse.Namespace, result: dict[str, Any], site_path: Path, profile_name: str,
+                         what: str, credentials: Credentials | None, finds: Sequence[tuple[str, str]],
+                         runners: dict[str, Runner]) -> bool:
+    """Serve ``site_path`` in a ubicore child, find ``finds`` (cell, schema) with a client,
+    then run the wanted ``runners`` into ``result``; False if any raised."""
+    ok = True
+    env = {"UBENCH_PROFILE": str(Path(args.profile).resolve() / profile_name)} if args.profile else None
+    log(f"starting the ubicore child{what} ({site_path})")
+    child = Child("ubicore_child.py", str(site_path), env=env)
+    client: Client | None = None
+    try:
+        site = load_site(site_path)
+        client = Client.for_site(site, credentials=credentials)
+        for cell, schema in finds:
+            await client.find(cell, schema, wait_s=FIND_WAIT_S)
+        for name, runner in runners.items():
+            if _wanted(args, name):
+                ok = await _run_one(name, _watched(runner(client, site), child), result) and ok
+    finally:
+        if client is not None:
+            await client.close()
+        status = child.close()
+        if status not in (0, None):
+            log(f"ubicore child exited with {status}:\n{child.log_tail()}")
+    return ok
+
+
 async def run_security_sections(args: argparse.Namespace, cfg: dict[str, Any], result: dict[str, Any]) -> bool:
     """levels and handshake, against the security site in its own ubicore child."""
-    ok = True
+    runners: dict[str, Runner] = {
+        "levels": lambda c, _: bench_levels(c, cfg["levels_events_n"], cfg["levels_events_reps"],
+                                            cfg["levels_rpc_calls"], cfg["levels_rpc_reps"]),
+        "handshake": lambda c, site: bench_handshake(c, site.dataset, cfg["handshake_samples"],
+                                                     cfg["handshake_kdf_samples"], cfg["handshake_loopback_samples"]),
+    }
     with tempfile.TemporaryDirectory(prefix="ubench-sec-") as tmp:
-        site_path = write_security_site(Path(tmp))
-        env = {"UBENCH_PROFILE": str(Path(args.profile).resolve() / "server-security.prof")} if args.profile else None
-        log(f"starting the ubicore child for the protection levels ({site_path})")
-        child = Child("ubicore_child.py", str(site_path), env=env)
-        client: Client | None = None
-        try:
-            site = load_site(site_path)
-            client = Client.for_site(site, credentials=Credentials.password(*OPERATOR))
-            for cell in CELLS.values():
-                await client.find(cell, COUNTER, wait_s=FIND_WAIT_S)
-            if _wanted(args, "levels"):
-                section = bench_levels(client, cfg["levels_events_n"], cfg["levels_events_reps"],
-                                       cfg["levels_rpc_calls"], cfg["levels_rpc_reps"])
-                ok = await _run_one("levels", _watched(section, child), result) and ok
-            if _wanted(args, "handshake"):
-                section = bench_handshake(client, site.dataset, cfg["handshake_samples"], cfg["handshake_kdf_samples"],
-                                          cfg["handshake_loopback_samples"])
-                ok = await _run_one("handshake", _watched(section, child), result) and ok
-        finally:
-            if client is not None:
-                await client.close()
-            status = child.close()
-            if status not in (0, None):
-                log(f"ubicore child exited with {status}:\n{child.log_tail()}")
-    return ok
+        return await _against_child(args, result, write_security_site(Path(tmp)), "server-security.prof",
+                                    " for the protection levels", Credentials.password(*OPERATOR),
+                                    [(cell, COUNTER) for cell in CELLS.values()], runners)
 
 
 async def run_basic_sections(args: argparse.Namespace, cfg: dict[str, Any], result: dict[str, Any]) -> bool:
     """events, rpc and join, against the UBench site."""
-    ok = True
+    runners: dict[str, Runner] = {
+        "events": lambda c, _: bench_events(c, cfg["events_n"], cfg["events_reps"]),
+        "rpc": lambda c, _: bench_rpc(c, cfg["rpc_calls"], cfg["rpc_reps"]),
+        "join": lambda c, _: bench_join(c, cfg["join_rows"], cfg["join_reps"]),
+    }
     with tempfile.TemporaryDirectory(prefix="ubench-") as tmp:
-        site_path = write_site(Path(tmp))
-        env = {"UBENCH_PROFILE": str(Path(args.profile).resolve() / "server.prof")} if args.profile else None
-        log(f"starting the ubicore child ({site_path})")
-        child = Child("ubicore_child.py", str(site_path), env=env)
-        client: Client | None = None
-        try:
-            client = Client.for_site(load_site(site_path))
-            await client.find("Bench-A", "UBench::Stream", wait_s=FIND_WAIT_S)
-            await client.find("Bench-B", "UBench::Table", wait_s=FIND_WAIT_S)
-            runners: dict[str, Callable[[Client], Awaitable[dict[str, Any]]]] = {
-                "events": lambda c: bench_events(c, cfg["events_n"], cfg["events_reps"]),
-                "rpc": lambda c: bench_rpc(c, cfg["rpc_calls"], cfg["rpc_reps"]),
-                "join": lambda c: bench_join(c, cfg["join_rows"], cfg["join_reps"]),
-            }
-            for name in BASIC_SECTIONS:
-                if _wanted(args, name):
-                    ok = await _run_one(name, _watched(runners[name](client), child), result) and ok
-        finally:
-            if client is not None:
-                await client.close()
-            status = child.close()
-            if status not in (0, None):
-                log(f"ubicore child exited with {status}:\n{child.log_tail()}")
-    return ok
+        return await _against_child(args, result, write_site(Path(tmp)), "server.prof", "", None,
+                                    [("Bench-A", "UBench::Stream"), ("Bench-B", "UBench::Table")], runners)
 
 
 def main(argv: list[str] | None = None) -> int:
