@@ -283,16 +283,18 @@ class Aead:
     """AES-128-GCM under one key. Callers pass nonces built by the session layer, never
     their own; :meth:`open` raises only :class:`DecryptionFailed`."""
 
-    __slots__ = ("_aead",)
+    __slots__ = ("_aead", "seal")
+
+    seal: Callable[[bytes, bytes, bytes], bytes]
+    """``seal(nonce, plaintext, ad)``: the ciphertext with its tag (AESGCM.encrypt itself:
+    sealing cannot fail on inputs the session layer builds, and this is per message)."""
 
     def __init__(self, key: Secret | bytes) -> None:
         raw = key.value if isinstance(key, Secret) else key
         if len(raw) != AES_KEY_BYTES:
             raise ValueError("AES-128 needs a 16-byte key")
         self._aead = AESGCM(raw)
-
-    def seal(self, nonce: bytes, plaintext: bytes, ad: bytes) -> bytes:
-        return self._aead.encrypt(nonce, plaintext, ad)
+        self.seal = self._aead.encrypt
 
     def open(self, nonce: bytes, ciphertext: bytes, ad: bytes) -> bytes:
         try:
