@@ -61,3 +61,24 @@ def test_channel_pair_heals_a_lossy_channel() -> None:
     assert pair.dumps == 2 and pair.follower.seq == core.sequencer.seq == 11
     seqs = [b.seq for b in pair.applied]
     assert seqs == sorted(set(seqs))
+
+
+def test_rpc_pair_logs_in_and_seals_its_calls() -> None:
+    from ubicore.errors import AuthenticationFailed, AuthenticationRequired
+    from ubicore.security.policy import Right, StaticPolicy
+    from ubicore.testing.site import TEST_KDF
+
+    policy = StaticPolicy("site", fake_params=TEST_KDF)
+    policy.add_user("op", "pw", Right.UPDATE)
+    core = InstanceCore(ConfigurationUpdate, "Site", Store(ConfigurationUpdate, Path(":memory:")), policy=policy)
+    pair = RpcPair(core)
+    with pytest.raises(AuthenticationRequired):
+        pair.call("add_sensor", sensor="S-9", sink="udp://x", rate_hz=2)
+    with pytest.raises(AuthenticationFailed):
+        pair.login("op", "wrong")
+    session = pair.login("op", "pw")
+    assert session.user == "op" and session.level == "update"
+    assert pair.call("add_sensor", sensor="S-9", sink="udp://x", rate_hz=2) is None
+    assert pair.call("list_sensors") == ["S-9"]
+    assert core.guard.stats.logins == 1 and core.guard.stats.login_failures == 1
+    assert session.tx_counter == 2  # both calls went sealed

@@ -29,7 +29,7 @@ from .security.session import (
 )
 from .transport.rpc import RpcConnection
 
-__all__ = ["Credentials", "SessionManager", "RENEW_MARGIN"]
+__all__ = ["Credentials", "SessionManager", "RENEW_MARGIN", "finish_login", "parse_challenge"]
 
 RENEW_MARGIN = 0.9
 """A session is renewed once this fraction of its lifetime has passed."""
@@ -55,7 +55,7 @@ class Credentials:
         return cls(DEFAULT_USER, PasswordSecret(""))
 
 
-def _challenge(reply: Any) -> tuple[bytes, Challenge, str, bytes]:
+def parse_challenge(reply: Any) -> tuple[bytes, Challenge, str, bytes]:
     try:
         p = reply["params"]
         if p.get("alg") != "argon2id":
@@ -163,20 +163,30 @@ class SessionManager:
         hs = ClientHandshake(creds.user, self.site, creds.secret)  # None: the site named in pass 2
         hello = hs.start()
         reply = await conn.call(schema, cell, "auth_hello", {"user": hello.user, "g1": hello.g1}, timeout_s)
-        hs_id, challenge, site, instance_id = _challenge(reply)
+        hs_id, challenge, site, instance_id = parse_challenge(reply)
         if creds.secret.ready(creds.user, self.site or site, challenge.salt, challenge.params):
             confirm = hs.respond(challenge, site)  # no KDF to run: ~1 ms, not worth a thread hop
         else:  # Argon2id (~100 ms at the default costs) off the event loop
             confirm = await asyncio.to_thread(hs.respond, challenge, site)
         remaining = max(0.001, deadline - self._clock())
         reply = await conn.call(schema, cell, "auth_confirm", {"hs": hs_id, "h_c": confirm.h_c}, remaining)
-        grant = _grant(reply)
-        payload, k_sess = hs.finish(grant, delivery_context(schema, cell, instance_id))
-        try:
-            sg = SessionGrant.decode(payload)
-        except DecryptionFailed:
-            raise AuthenticationFailed("authentication failed") from None
-        if sg.epoch != grant.version:
-            raise AuthenticationFailed("authentication failed")
+        session = finish_login(hs, reply, schema, cell, instance_id, self._clock(), RENEW_MARGIN)
         self.logins += 1
-        return client_session(schema, cell, instance_id, sg, k_sess, self._clock() + sg.ttl_s * RENEW_MARGIN)
+        return session
+
+
+def finish_login(
+    hs: ClientHandshake, reply: Any, schema: str, cell: str, instance_id: bytes, now: float, margin: float = 1.0
+) -> ClientSession:
+    """Pass 4 taken in: check H_S, open the grant, make the client's session (its end
+    counted from ``now`` at ``margin`` of the granted lifetime). AuthenticationFailed if
+    anything does not hold."""
+    grant = _grant(reply)
+    payload, k_sess = hs.finish(grant, delivery_context(schema, cell, instance_id))
+    try:
+        sg = SessionGrant.decode(payload)
+    except DecryptionFailed:
+        raise AuthenticationFailed("authentication failed") from None
+    if sg.epoch != grant.version:
+        raise AuthenticationFailed("authentication failed")
+    return client_session(schema, cell, instance_id, sg, k_sess, now + sg.ttl_s * margin)

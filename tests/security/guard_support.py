@@ -38,7 +38,7 @@ from ubicore.security.session import (
     client_session,
     delivery_context,
 )
-from ubicore.sessions import _challenge, _grant
+from ubicore.sessions import _grant, parse_challenge
 from ubicore.store import Transaction
 
 KDF = KdfParams(t=1, p=1, m_kib=64)
@@ -107,7 +107,7 @@ def login_with(ask: Ask, schema: str, cell: str, user: str, password: str) -> tu
     """``SessionManager._login``, synchronously."""
     hs = ClientHandshake(user, None, PasswordSecret(password))
     hello = hs.start()
-    hs_id, challenge, site, instance_id = _challenge(ask("auth_hello", {"user": hello.user, "g1": hello.g1}))
+    hs_id, challenge, site, instance_id = parse_challenge(ask("auth_hello", {"user": hello.user, "g1": hello.g1}))
     confirm = hs.respond(challenge, site)
     grant = _grant(ask("auth_confirm", {"hs": hs_id, "h_c": confirm.h_c}))
     payload, k_sess = hs.finish(grant, delivery_context(schema, cell, instance_id))
@@ -156,7 +156,7 @@ def _hello(g: SessionGuard, user: str, peer: bytes) -> tuple[ClientHandshake, di
 
 
 def _confirm_args(hs: ClientHandshake, reply: dict[str, Any]) -> dict[str, Any]:
-    hs_id, challenge, site, _ = _challenge(reply)
+    hs_id, challenge, site, _ = parse_challenge(reply)
     return {"hs": hs_id, "h_c": hs.respond(challenge, site).h_c}
 
 

@@ -12,7 +12,7 @@ from ubicore.errors import AuthenticationFailed, AuthenticationRequired
 from ubicore.protocol.messages import Change, Delta, Heartbeat, Op
 from ubicore.schema import Protection
 from ubicore.security.session import MAX_MESSAGES_PER_KEY, SessionExhausted
-from ubicore.sessions import _challenge
+from ubicore.sessions import parse_challenge
 
 from ..test_cache_unit import IID, FakeInstance, FakeLink
 from .guard_support import _confirm_args, _hello, login, make_guard, request
@@ -50,9 +50,9 @@ def test_a_client_refuses_argon2_costs_beyond_its_cap() -> None:
     reply = {"hs": b"h" * 16, "g2": b"g" * 32, "salt": b"s" * 16, "site": "x", "instance_id": b"i" * 16,
              "params": {"alg": "argon2id", "t": 3, "p": 4, "m_kib": 4 * 1024 * 1024}}
     with pytest.raises(AuthenticationFailed):
-        _challenge(reply)
+        parse_challenge(reply)
     reply["params"] = {"alg": "argon2id", "t": 3, "p": 4, "m_kib": 65536}
-    assert _challenge(reply)[1].params.m_kib == 65536
+    assert parse_challenge(reply)[1].params.m_kib == 65536
 
 
 def test_an_exhausted_client_session_asks_for_a_new_login() -> None:

@@ -3,7 +3,8 @@
 :class:`RpcPair` wires an :class:`~ubicore.protocol.rpc.RpcCaller` to an
 :class:`~ubicore.dispatch.InstanceCore` through lists of frames, so a test (of ubicore,
 or of an application's schema) runs real requests and replies through the real codec
-without an event loop. :class:`ChannelPair` carries the instance's committed batches
+without an event loop (``login`` makes its later calls sealed, for protected schemas).
+:class:`ChannelPair` carries the instance's committed batches
 to a :class:`~ubicore.protocol.channel.ChannelFollower` through a channel the test
 controls: it can drop, duplicate or reorder messages to play a lossy network.
 """
@@ -23,6 +24,9 @@ from ..protocol.codec import (
 )
 from ..protocol.messages import Delta, Heartbeat, Welcome
 from ..protocol.rpc import Outcome, RpcCaller
+from ..security.amp import ClientHandshake, PasswordSecret
+from ..security.session import ClientSession
+from ..sessions import finish_login, parse_challenge
 
 __all__ = ["ChannelPair", "RpcPair"]
 
@@ -36,17 +40,32 @@ class RpcPair:
     now: float = 0.0
     to_server: list[list[bytes]] = field(default_factory=list)
     to_client: list[list[bytes]] = field(default_factory=list)
+    session: ClientSession | None = None
+
+    def login(self, user: str, password: str) -> ClientSession:
+        """Log in to the instance as ``user`` (the four passes, over this pair); from now
+        on every call is sealed under the session. Raises AuthenticationFailed."""
+        self.session = None
+        hs = ClientHandshake(user, None, PasswordSecret(password))
+        hello = hs.start()
+        hs_id, challenge, site, instance_id = parse_challenge(self.call("auth_hello", user=user, g1=hello.g1))
+        confirm = hs.respond(challenge, site)
+        reply = self.call("auth_confirm", hs=hs_id, h_c=confirm.h_c)
+        self.session = finish_login(hs, reply, self.core.name, self.core.cell, instance_id, self.now)
+        return self.session
 
     def send(self, operation: str, args: Mapping[str, Any] | None = None, *, timeout_s: float = 5.0) -> int:
-        """Queue a request; its correlation id."""
-        corr, frames = self.caller.start(self.core.name, self.core.cell, operation, args or {}, timeout_s, self.now)
+        """Queue a request (sealed once logged in); its correlation id."""
+        corr, frames = self.caller.start(
+            self.core.name, self.core.cell, operation, args or {}, timeout_s, self.now, self.session
+        )
         self.to_server.append(frames)
         return corr
 
     def serve(self) -> None:
         """Let the instance answer everything queued for it."""
         while self.to_server:
-            reply = self.core.handle(self.to_server.pop(0))
+            reply = self.core.handle(self.to_server.pop(0), b"rpc-pair")
             if reply is not None:
                 self.to_client.append(reply)
 
