@@ -46,6 +46,7 @@ _new_row = tuple.__new__
 DUMP_TIMEOUT_S = 10.0
 WELCOME_WAIT_S = 1.0
 RETRY_MIN_S, RETRY_MAX_S = 0.05, 2.0
+RENEW_RETRY_MAX_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +136,8 @@ class _Joined:
         self._sub: Subscription | None = None
         self._dump_task: asyncio.Task[None] | None = None
         self._renewal: asyncio.Task[None] | None = None
+        self._renew_after = 0.0  # loop time: a failed renewal is not tried again before it
+        self._renew_backoff = 0.0
         self._again = False
         self._layout_stale = False
         self.infos: dict[str, RelationInfo] = {}
@@ -206,7 +209,9 @@ class _Joined:
             if self._renewal is None and self._link.session_expired(session):
                 # Renew before the instance drops the session from its rekeys: a new
                 # login (its grant carries the keys) and the ring carries over.
-                self._renewal = asyncio.get_running_loop().create_task(self._renew())
+                loop = asyncio.get_running_loop()
+                if loop.time() >= self._renew_after:  # not one login per event after a failure
+                    self._renewal = loop.create_task(self._renew())
             try:
                 msg = session.group.open(msg)
             except DecryptionFailed:
@@ -241,10 +246,14 @@ class _Joined:
             session = self._link.channel_session(self.binding)
             if session is not None:
                 session.group.add(_group_keys(keys))
+            self._renew_backoff = 0.0
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the channel heals by itself (a re-dump) if keys run out
-            log.info("%s@%s: session renewal failed: %s", self.schema, self.cell, exc)
+            self._renew_backoff = min(RENEW_RETRY_MAX_S, max(RETRY_MAX_S, 2 * self._renew_backoff))
+            self._renew_after = asyncio.get_running_loop().time() + self._renew_backoff
+            log.info("%s@%s: session renewal failed (next try in %.3g s): %s", self.schema, self.cell,
+                     self._renew_backoff, exc)
         finally:
             self._renewal = None
 

@@ -127,23 +127,29 @@ class SessionManager:
     async def session(self, conn: RpcConnection, schema: str, cell: str, timeout_s: float) -> ClientSession:
         """The live session with this instance, logging in if needed (shared by callers)."""
         key = (conn.endpoint, schema, cell)
-        s = self.current(*key)
-        if s is not None:
-            return s
-        login = self._logins.get(key)
-        if login is None:
-            # The login is a task of its own that every caller waits for with its own
-            # deadline: one that gives up or is cancelled takes nobody else's login down
-            # (nor hands them its CancelledError).
-            login = asyncio.get_running_loop().create_task(self._login(conn, schema, cell, timeout_s))
-            self._logins[key] = login
-            login.add_done_callback(lambda task: self._logged_in(key, task))
-        try:
-            return await asyncio.wait_for(asyncio.shield(login), timeout_s)
-        except TimeoutError as exc:
-            if isinstance(exc, RemoteError):  # the login's own CallTimeout
-                raise
-            raise CallTimeout(f"no session with {schema} at {cell} within {timeout_s:.3g} s") from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            s = self.current(*key)
+            if s is not None:
+                return s
+            login = self._logins.get(key)
+            joined = login is not None and not login.done()
+            if login is None or login.done():
+                # The login is a task of its own that every caller waits for with its own
+                # deadline: one that gives up or is cancelled takes nobody else's login down
+                # (nor hands them its CancelledError).
+                login = loop.create_task(self._login(conn, schema, cell, max(0.001, deadline - loop.time())))
+                self._logins[key] = login
+                login.add_done_callback(lambda task: self._logged_in(key, task))
+            try:
+                return await asyncio.wait_for(asyncio.shield(login), max(0.0, deadline - loop.time()))
+            except TimeoutError as exc:
+                if not isinstance(exc, RemoteError):
+                    raise CallTimeout(f"no session with {schema} at {cell} within {timeout_s:.3g} s") from None
+                if not joined or deadline <= loop.time():  # the login's own CallTimeout, in our time
+                    raise
+                # The login ran out of the time of the caller that started it, not ours: again.
 
     def _logged_in(self, key: tuple[str, str, str], task: asyncio.Task[ClientSession]) -> None:
         if self._logins.get(key) is task:

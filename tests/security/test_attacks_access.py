@@ -196,9 +196,12 @@ async def test_a_wrong_password_fails_without_pass_4_like_an_unknown_user(tmp_pa
                 assert rep.detail == {}
                 assert not {"h_s", "keys", "nonce"} & set(rep.detail)
                 assert guard.stats.login_failures == failures + 1
-                # pass 3 again (a replay into the same exchange): the exchange is gone
+                # pass 3 again (a replay into the same exchange): the exchange is gone, and
+                # nothing keyed comes back either
                 rep = await d.request("auth_confirm", {"hs": ch["hs"], "h_c": confirm.h_c})
-                assert isinstance(rep, ErrorReply) and rep.code == "auth_failed"
+                assert isinstance(rep, ErrorReply) and rep.code == "auth_required"
+                assert not {"h_s", "keys", "nonce"} & set(rep.detail)
+                assert guard.stats.login_failures == failures + 1
         real, fake = challenges["operator"][0], challenges["mallory"][0]
         assert set(real) == set(fake)
         for k in real:

@@ -40,7 +40,7 @@ def test_a_confirm_from_another_connection_leaves_the_login_intact() -> None:
     g = make_guard(Protection.UPDATE)
     hs, reply = _hello(g, "writer", b"alice-conn")
     args = _confirm_args(hs, reply)
-    with pytest.raises(AuthenticationFailed):
+    with pytest.raises(AuthenticationRequired):
         g.confirm(b"mallory-conn", args)
     assert "h_s" in g.confirm(b"alice-conn", args)
 

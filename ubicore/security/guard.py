@@ -155,7 +155,9 @@ class SessionGuard:
         hs_id = _bytes_arg(args, "hs")
         pending = self._pending.get(hs_id)
         if pending is None or pending.peer != peer:  # another connection's login stays intact
-            raise AuthenticationFailed("authentication failed")
+            # No such login here (timed out, pushed out of a full table, used, never made):
+            # not a failed guess. The caller starts again, and the SDK does so by itself.
+            raise AuthenticationRequired("no such login in progress; log in again", {"reason": "login"})
         del self._pending[hs_id]  # one-shot from here on, whatever the outcome
         hs = pending.hs
         try:
@@ -291,12 +293,12 @@ class SessionGuard:
         right is served and the next key (already delivered) becomes current, so nobody
         misses an event.
         """
-        if self.level is not Protection.FULL:
-            return []
-        if entitled is not None:
+        if entitled is not None:  # at every level: a session left out ends
             for sid in [sid for sid, s in self.sessions.items() if not entitled(s)]:
                 del self.sessions[sid]
             self.stats.sessions = len(self.sessions)
+        if self.level is not Protection.FULL:
+            return []
         epoch, keys = self.keys.rotate(exclude_next=entitled is not None)
         self._rotated_at = self._clock()
         self.stats.rotations += 1
