@@ -85,3 +85,28 @@ def test_a_security_store_others_can_write_is_refused(tmp_path) -> None:  # type
     os.chmod(store.path, 0o600)
     store.refresh()
     assert "default" in store.users()
+
+
+def test_the_per_user_session_cap_evicts_that_users_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: the caps scanned every session on every login; now they use the table's
+    per-user index, which must stay true through every way a session ends."""
+    from ubicore.security import guard as guard_module
+    from ubicore.security.policy import Right
+
+    from .guard_support import make_policy
+
+    monkeypatch.setattr(guard_module, "MAX_SESSIONS_PER_USER", 3)
+    policy = make_policy()
+    g = make_guard(Protection.FULL, policy=policy)
+    writers = [login(g, "writer") for _ in range(3)]
+    reader = login(g, "reader")
+    fourth = login(g, "writer")  # the writer's oldest gives way, nobody else's
+    assert writers[0].session_id not in g.sessions
+    assert {writers[1].session_id, writers[2].session_id, fourth.session_id, reader.session_id} == set(g.sessions)
+    assert {u: len(s) for u, s in g.sessions.by_user.items()} == {"writer": 3, "reader": 1}
+    g.revoke({writers[1].session_id})
+    policy.set_right("reader", Right.NONE)
+    g.reevaluate()
+    assert {u: list(s) for u, s in g.sessions.by_user.items()} == {"writer": [writers[2].session_id, fourth.session_id]}
+    g.set_level(Protection.UPDATE)
+    assert g.sessions.by_user == {} and not g.sessions

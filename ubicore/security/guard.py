@@ -71,6 +71,40 @@ class GuardStats:
     sessions: int = 0
 
 
+class SessionTable(dict[bytes, ServerSession]):
+    """The live sessions by id, also grouped by user (oldest first), so that the caps on
+    sessions cost O(1) a login, not a scan of every session."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_user: dict[str, dict[bytes, ServerSession]] = {}
+
+    def __setitem__(self, sid: bytes, session: ServerSession) -> None:
+        if sid in self:
+            del self[sid]
+        super().__setitem__(sid, session)
+        self.by_user.setdefault(session.user, {})[sid] = session
+
+    def __delitem__(self, sid: bytes) -> None:
+        session = self[sid]
+        super().__delitem__(sid)
+        mine = self.by_user[session.user]
+        del mine[sid]
+        if not mine:
+            del self.by_user[session.user]
+
+    def pop(self, sid: bytes, default: Any = None) -> Any:
+        if sid not in self:
+            return default
+        session = self[sid]
+        del self[sid]
+        return session
+
+    def clear(self) -> None:
+        super().clear()
+        self.by_user.clear()
+
+
 class _Pending:
     __slots__ = ("hs", "peer", "started")
 
@@ -111,7 +145,7 @@ class SessionGuard:
         self._clock = clock
         self._rng = rng
         self.stats = GuardStats()
-        self.sessions: dict[bytes, ServerSession] = {}
+        self.sessions = SessionTable()
         self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
         self.keys = GroupKeys(schema, cell, instance_id, rng=rng,
                               max_messages=min(settings.rotate_after_messages, MAX_MESSAGES_PER_KEY))
@@ -192,17 +226,13 @@ class SessionGuard:
         session gives way (so a flood of logins as one user, ``default`` say, only ever
         evicts that user's sessions); past MAX_SESSIONS the oldest of the user with the
         most sessions does."""
-        mine = [s for s in self.sessions.values() if s.user == user]
+        by_user = self.sessions.by_user
+        mine = by_user.get(user, {})
         if len(mine) < MAX_SESSIONS_PER_USER and len(self.sessions) < MAX_SESSIONS:
             return
-        if len(mine) < MAX_SESSIONS_PER_USER:
-            counts: dict[str, int] = {}
-            for s in self.sessions.values():
-                counts[s.user] = counts.get(s.user, 0) + 1
-            heaviest = max(counts, key=lambda u: counts[u])
-            mine = [s for s in self.sessions.values() if s.user == heaviest]
-        oldest = min(mine, key=lambda s: s.expires_at)
-        del self.sessions[oldest.session_id]
+        if len(mine) < MAX_SESSIONS_PER_USER:  # the table is full: scan the users, not the sessions
+            mine = by_user[max(by_user, key=lambda u: len(by_user[u]))]
+        del self.sessions[next(iter(mine))]  # oldest first: every session gets the same lifetime
 
     # --- sealed requests -----------------------------------------------------------------------
 
