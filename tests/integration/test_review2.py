@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +19,16 @@ import ubicore.security.guard as guard_module
 from ubicore.errors import ProtocolError
 from ubicore.protocol.codec import parse_client_message
 from ubicore.protocol.messages import Reply, Request
-from ubicore.security.amp import ClientHandshake, PasswordSecret, UserSecret
+from ubicore.security.amp import ClientHandshake, PasswordSecret
 from ubicore.security.guard import MAX_PENDING_PER_PEER
 from ubicore.security.policy import Right
-from ubicore.security.primitives import KdfParams, Secret
 from ubicore.security.session import ClientSession
 from ubicore.sessions import Credentials, SessionManager
 from ubicore.testing.site import COUNTER, OPERATOR, run_async, running_site
 from ubicore.transport.rpc import RpcConnection
 
 from ..security.attack_support import raw_dealer
+from ..security.test_review import GatedSecret
 
 GUARD_S = 5.0
 """Upper bound on waiting for something that must happen (never a timing assertion)."""
@@ -82,24 +81,6 @@ class ConfirmHoldingRelay:
         self.front.close(0)
         self.back.close(0)
         self.ctx.term()
-
-
-class GatedSecret(UserSecret):
-    """A password whose derivation (in a worker thread during pass 3) waits until the
-    test lets it go: a login held open between pass 2 and pass 3."""
-
-    def __init__(self, password: str) -> None:
-        self._inner = PasswordSecret(password)
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def scalar(self, user: str, site: str, salt: bytes, params: KdfParams) -> Secret:
-        self.entered.set()
-        self.release.wait(GUARD_S)
-        return self._inner.scalar(user, site, salt, params)
-
-    async def wait_entered(self) -> None:
-        assert await asyncio.to_thread(self.entered.wait, GUARD_S), "the login never reached pass 3"
 
 
 async def _wait_until(cond: Any, what: str) -> None:
