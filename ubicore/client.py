@@ -246,8 +246,11 @@ class Client:
             try:
                 if not sealed:
                     return await conn.call(schema, cell, operation, args, remaining)
-                session = await self.sessions.session(conn, schema, cell, remaining)
-                return await conn.call(schema, cell, operation, args, max(0.001, deadline - time.monotonic()), session)
+                session = self.sessions.current(rpc, schema, cell)  # the common case: no await
+                if session is None:
+                    session = await self.sessions.session(conn, schema, cell, remaining)
+                    remaining = max(0.001, deadline - time.monotonic())
+                return await conn.call(schema, cell, operation, args, remaining, session)
             except AuthenticationRequired:
                 if attempt == 2:
                     raise
