@@ -44,6 +44,7 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 """Bodies larger than this are refused before unpacking (a 100,000-row dump is ~10 MiB)."""
 
 _HEADERS = {kind: MAGIC + bytes((PROTOCOL_VERSION, kind)) for kind in Kind}
+_KIND_OF = {int(kind): kind for kind in Kind}  # a dict lookup, not Enum.__call__, per message
 HEADER_REQUEST = _HEADERS[Kind.REQUEST]
 HEADER_REPLY = _HEADERS[Kind.REPLY]
 HEADER_ERROR = _HEADERS[Kind.ERROR]
@@ -92,8 +93,8 @@ def parse_header(frame: bytes) -> Kind:
     if frame[2] != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {frame[2]}")
     try:
-        return Kind(frame[3])
-    except ValueError:
+        return _KIND_OF[frame[3]]
+    except KeyError:
         raise ProtocolError(f"unknown message kind 0x{frame[3]:02x}") from None
 
 
@@ -259,8 +260,8 @@ def parse_inner_reply(plaintext: bytes) -> ServerMessage:
     if not plaintext:
         raise ProtocolError("empty sealed payload")
     try:
-        kind = Kind(plaintext[0])
-    except ValueError:
+        kind = _KIND_OF[plaintext[0]]
+    except KeyError:
         raise ProtocolError(f"unknown message kind 0x{plaintext[0]:02x}") from None
     return _server_body(kind, unpack(plaintext[1:]))
 

@@ -80,28 +80,34 @@ class ReplayWindow:
     authenticated, so forged counters cannot move the window.
     """
 
-    __slots__ = ("size", "top", "_bits")
+    __slots__ = ("size", "top", "_bits", "_mask")
 
     def __init__(self, size: int = REPLAY_WINDOW) -> None:
         self.size = size
         self.top = 0
         self._bits = 0  # bit i set: counter top - i seen
+        self._mask = (1 << size) - 1
 
     def seen(self, n: int) -> bool:
-        if n <= 0 or n <= self.top - self.size:
-            return True
-        if n > self.top:
+        top = self.top
+        if n > top:  # the common case first: the next counter
             return False
-        return bool(self._bits >> (self.top - n) & 1)
+        if n <= 0 or n <= top - self.size:
+            return True
+        return bool(self._bits >> (top - n) & 1)
 
     def mark(self, n: int) -> None:
-        if n > self.top:
-            shift = n - self.top
+        top = self.top
+        if n == top + 1:  # in order: one shift
+            self._bits = ((self._bits << 1) | 1) & self._mask
+            self.top = n
+        elif n > top:
+            shift = n - top
             # A jump of a window or more forgets everything (and never shifts by 2^32).
-            self._bits = ((self._bits << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
+            self._bits = ((self._bits << shift) | 1) & self._mask if shift < self.size else 1
             self.top = n
         else:
-            self._bits |= 1 << (self.top - n)
+            self._bits |= 1 << (top - n)
 
     def check_and_mark(self, n: int) -> bool:
         if self.seen(n):
