@@ -103,6 +103,28 @@ class _PubSub:
         self.ctx.term()
 
 
+def session_memory(sessions: int) -> dict[str, Any]:
+    """Bytes of Python memory per session, each end measured alone (tracemalloc): the
+    instance's (with its place in the guard's tables) and the client's (with its ring)."""
+    import tracemalloc
+
+    policy = StaticPolicy("ubench")
+    guard = SessionGuard(SCHEMA, CELL, INSTANCE_ID, Protection.FULL, policy)
+    made: list[Any] = []
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(sessions):
+            made.append(_add_session(guard, i))  # both ends
+        both = tracemalloc.get_traced_memory()[0] - base
+        made.clear()  # the client ends go: what stays is the instance's
+        server = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    return {"sessions": sessions, "server_bytes_per_session": round(server / sessions),
+            "client_bytes_per_session": round((both - server) / sessions)}
+
+
 def bench_rotation(sessions: int, reps: int) -> dict[str, Any]:
     policy = StaticPolicy("ubench")
     guard = SessionGuard(SCHEMA, CELL, INSTANCE_ID, Protection.FULL, policy)
@@ -169,6 +191,7 @@ def bench_rotation(sessions: int, reps: int) -> dict[str, Any]:
                      "per_session_us": round(r["p50_ms"] * 1e3 / sessions, 2)},
         "subscriber": _ms(subscriber),
         "over_pub": _ms(over_pub),
+        "memory": session_memory(sessions),
         "target": f"periodic and revoking max < {TARGET_S} s",
         "met": max(p["max_ms"], r["max_ms"]) < TARGET_S * 1e3,
     }
