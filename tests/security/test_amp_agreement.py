@@ -42,7 +42,6 @@ from .amp_reference import (
     _h2s,
     _int,
     _sc,
-    make_records,
     pi_of,
     run,
     spec_ad,
@@ -51,12 +50,6 @@ from .amp_reference import (
     spec_keys,
     spec_tt1,
 )
-
-
-@pytest.fixture(scope="module")
-def records() -> dict[str, VerifierRecord]:
-    return make_records()
-
 
 # --- 1. agreement --------------------------------------------------------------------------------
 

@@ -45,19 +45,12 @@ from .amp_reference import (
     _sc,
     attack,
     flip,
-    make_records,
     naive_client_confirm,
     pi_of,
     run,
     spec_tt1,
 )
 from .test_primitives import BAD_ELEMENTS
-
-
-@pytest.fixture(scope="module")
-def records() -> dict[str, VerifierRecord]:
-    return make_records()
-
 
 # --- 4. stolen verifier -------------------------------------------------------------------------------
 

@@ -32,24 +32,11 @@ from .amp_reference import (
     SERVER_SECRET,
     SITE,
     Scripted,
-    load_vectors,
-    make_records,
     pi_of,
     run,
     spec_exchange,
     vector_inputs_from_json,
 )
-
-
-@pytest.fixture(scope="module")
-def records() -> dict[str, VerifierRecord]:
-    return make_records()
-
-
-@pytest.fixture(scope="module")
-def vectors() -> dict[str, Any]:
-    return load_vectors()
-
 
 # --- the handshake's own rules: redaction, one-shot state, cached credentials ------------------------------
 

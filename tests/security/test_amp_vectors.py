@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from ubicore.security import primitives as P
 from ubicore.security.amp import (
     SUITE,
@@ -27,18 +25,11 @@ from ubicore.security.primitives import Secret
 from .amp_reference import (
     KDF,
     Scripted,
-    load_vectors,
     replay_with_objects,
     spec_exchange,
     spec_fake_record,
     vector_inputs_from_json,
 )
-
-
-@pytest.fixture(scope="module")
-def vectors() -> dict[str, Any]:
-    return load_vectors()
-
 
 # --- 9. frozen vectors ----------------------------------------------------------------------------------
 
