@@ -33,6 +33,7 @@ class Registry(Schema, name=SCHEMA, protection="open"):
         Column("protection", str),
         Column("pid", int, default=0),
         Column("started", float, default=0.0),
+        Column("local", str, default=""),
         key=("schema", "cell"),
     )
     services = Relation(
@@ -59,13 +60,15 @@ class Registry(Schema, name=SCHEMA, protection="open"):
         instance_id: bytes,
         protection: str,
         pid: int = 0,
+        local: str = "",
     ) -> None:
-        """Record (or replace) the registration of a running instance."""
+        """Record (or replace) the registration of a running instance (``local``: its
+        ipc endpoint, where OS users of its host log in)."""
         if len(instance_id) != INSTANCE_ID_BYTES:
             raise BadArguments(f"instance_id must be {INSTANCE_ID_BYTES} bytes", {"argument": "instance_id"})
         tx.instances.upsert(
             schema=schema, cell=cell, host=host, rpc=rpc, events=events,
-            instance_id=instance_id, protection=protection, pid=pid, started=time.time(),
+            instance_id=instance_id, protection=protection, pid=pid, started=time.time(), local=local,
         )
 
     @update

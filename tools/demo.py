@@ -26,8 +26,10 @@ from ubicore.config.model import SiteConfig
 from ubicore.controller import run_site
 from ubicore.errors import RemoteError
 from ubicore.protocol.messages import Delta, Heartbeat, Rekey, SealedEvent
-from ubicore.runtime import site_policy
-from ubicore.security.policy import Right
+
+from ubicore.runtime import current_os_user, init_site, offline_policy
+from ubicore.security.amp import make_verifier
+from ubicore.security.primitives import DEFAULT_KDF
 from ubicore.sessions import Credentials
 from ubicore.transport.channel import Subscription
 
@@ -67,14 +69,23 @@ class Eavesdropper:
         self._sub.close()
 
 
-def prepare_demo_user(site: SiteConfig) -> tuple[Credentials, str]:
-    """Create the security store if needed and give ``demo-operator`` (update right) a
-    fresh password for this run; (its credentials, the password to show once)."""
-    store = site_policy(site)
-    store.init()
+def prepare_demo_user(site: SiteConfig) -> tuple[Credentials, str, str | None]:
+    """Initialise the site if it is new (the administrator's password is generated), and
+    give ``demo-operator`` (a member of ``admin``) a fresh password for this run, before
+    the site comes up; (its credentials, its password, the administrator's password if
+    the site was made now), the passwords to be shown once."""
+    admin_password = secrets.token_urlsafe(12)
+    made = init_site(site, admin_password, os_user=current_os_user())
     password = secrets.token_urlsafe(12)
-    store.set_user(DEMO_USER, password, Right.UPDATE)
-    return Credentials.password(DEMO_USER, password), password
+    rec = make_verifier(DEMO_USER, site.name, password, DEFAULT_KDF)
+    record = {"salt": rec.salt, "verifier": rec.verifier, "t": rec.params.t, "p": rec.params.p, "m_kib": rec.params.m_kib}
+    with offline_policy(site) as (perm, tx):
+        if tx.users.get(DEMO_USER) is None:
+            type(perm).add_user(perm, tx, DEMO_USER, groups=["admin", "everyone"], description="the demo's live client",
+                                **record)
+        else:
+            type(perm).set_password(perm, tx, DEMO_USER, **record)
+    return Credentials.password(DEMO_USER, password), password, admin_password if made else None
 
 
 def _counter(counts: dict[str, int], cell: str) -> Callable[[str, Any, Any], None]:
@@ -156,8 +167,10 @@ async def run_demo(site: SiteConfig, stop: asyncio.Event, say: Callable[[str], N
         missing.extend(still_missing)
         up.set()
 
-    credentials, password = prepare_demo_user(site)
-    say(f"user {DEMO_USER} has the update right; its password for this run (shown once): {password}")
+    credentials, password, admin_password = prepare_demo_user(site)
+    if admin_password is not None:
+        say(f"new site {site.name}: user administrator, password (shown once): {admin_password}")
+    say(f"user {DEMO_USER} is in admin (updates everything); its password for this run (shown once): {password}")
     say(f"  e.g. UBI_PASSWORD=... ubi --user {DEMO_USER} call Site {CONFIG} set_rate sensor=S-001 rate_hz=2")
     site_task = asyncio.create_task(run_site(site, stop, on_up=on_up))
     try:

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .cache import Binding, Cache, Follower, _Joined
 from .config.model import SiteConfig
-from .errors import AuthenticationRequired, CallTimeout, NotFound, Unavailable
+from .errors import AuthenticationFailed, AuthenticationRequired, CallTimeout, NotFound, PermissionDenied, Unavailable
+from .login import MAX_ATTEMPTS, CredentialProvider, CredentialRequest, ask, requirement
 from .protocol.channel import Batch
+from .security.amp import CredentialsOutOfDate
 from .security.guard import OPEN_UNDER_UPDATE
 from .security.session import ClientSession
 from .sessions import Credentials, SessionManager
@@ -34,6 +36,7 @@ from .transport.rpc import RpcConnection
 
 __all__ = ["Client", "Credentials", "ServiceInfo", "DEFAULT_TIMEOUT_S", "NAMING_SCHEMA", "NAMING_CELL"]
 
+T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 5.0
 NAMING_SCHEMA = "UNaming::Registry"
 NAMING_CELL = "Site"
@@ -52,9 +55,11 @@ class ServiceInfo:
     protection: str
     pid: int
     started: float
+    local: str = ""
+    """The instance's ``ipc://`` endpoint on its own host (local logins), if it has one."""
 
-    def binding(self) -> Binding:
-        return Binding(self.schema, self.cell, self.rpc, self.events, self.instance_id, self.protection)
+    def binding(self, rpc: str | None = None) -> Binding:
+        return Binding(self.schema, self.cell, rpc or self.rpc, self.events, self.instance_id, self.protection)
 
 
 def needs_session(level: str, operation: str) -> bool:
@@ -81,9 +86,12 @@ class Client:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         credentials: Credentials | None = None,
         site: str | None = None,
+        credential_provider: CredentialProvider | None = None,
     ) -> None:
         self.timeout_s = timeout_s
+        self.credential_provider = credential_provider
         self.sessions = SessionManager(credentials, site=site)
+        self._local = self.sessions.credentials.is_local
         self._naming_binding = Binding(NAMING_SCHEMA, NAMING_CELL, core_rpc, core_events)
         self._conns: dict[str, RpcConnection] = {}
         self._naming: Cache | None = None
@@ -93,10 +101,51 @@ class Client:
 
     @classmethod
     def for_site(
-        cls, site: SiteConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, credentials: Credentials | None = None
+        cls, site: SiteConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, credentials: Credentials | None = None,
+        credential_provider: CredentialProvider | None = None,
     ) -> Client:
         return cls(site.core.rpc_endpoint, site.core.event_endpoint, timeout_s=timeout_s,
-                   credentials=credentials, site=site.name)
+                   credentials=credentials, site=site.name, credential_provider=credential_provider)
+
+    @property
+    def user(self) -> str:
+        """Who the client logs in as now."""
+        return self.sessions.credentials.user
+
+    def use_credentials(self, credentials: Credentials) -> None:
+        """Log in as ``credentials`` from the next call on (sessions made so far end)."""
+        self.sessions.switch(credentials)
+        self._local = credentials.is_local
+
+    async def _with_login(self, schema: str, cell: str, operation: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt()``; when it is denied (or the login it needs fails) and the client
+        has a credential provider, ask it for credentials and run it again with them
+        (ubicore/login.py). The client keeps credentials that worked."""
+        try:
+            return await attempt()
+        except (PermissionDenied, AuthenticationFailed) as first:
+            if self.credential_provider is None or isinstance(first, CredentialsOutOfDate):
+                raise
+            err: PermissionDenied | AuthenticationFailed = first
+        failed = False
+        for n in range(1, MAX_ATTEMPTS + 1):
+            groups = tuple(str(g) for g in err.groups) if isinstance(err, PermissionDenied) else ()
+            message = (requirement(groups) if isinstance(err, PermissionDenied)
+                       else f"Log in to {operation} {schema} at {cell}.")
+            request = CredentialRequest(schema, cell, operation, self.user, groups, message, n, failed)
+            creds = await ask(self.credential_provider, request)
+            if creds is None:
+                raise err
+            previous = self.sessions.credentials
+            self.use_credentials(creds)
+            try:
+                return await attempt()
+            except AuthenticationFailed as exc:  # a wrong password: back to who we were, ask again
+                self.use_credentials(previous)
+                err, failed = exc, True
+            except PermissionDenied as exc:  # logged in, still not allowed: keep them, ask again
+                err, failed = exc, False
+        raise err
 
     async def __aenter__(self) -> Client:
         return self
@@ -144,9 +193,9 @@ class Client:
         if relation != "instances":
             return
         if new is None:  # deregistered: its connection has nobody left to talk to
-            self._drop_connection(old.rpc)
+            self._drop_connection(self._rpc(old))
             return
-        binding = Binding(new.schema, new.cell, new.rpc, new.events, new.instance_id, new.protection)
+        binding = Binding(new.schema, new.cell, self._rpc(new), new.events, new.instance_id, new.protection)
         for joined in self._joined:
             b = joined.binding
             if (b.schema, b.cell) == (binding.schema, binding.cell) and (
@@ -155,8 +204,8 @@ class Client:
                 joined.rebind(binding)
             elif (b.schema, b.cell) == (binding.schema, binding.cell) and b.protection != binding.protection:
                 joined.binding = binding  # the level changed: the next dump follows it
-        if old is not None and old.rpc != new.rpc:
-            self._drop_connection(old.rpc)
+        if old is not None and self._rpc(old) != self._rpc(new):
+            self._drop_connection(self._rpc(old))
 
     def _drop_connection(self, endpoint: str) -> None:
         if endpoint == self._naming_binding.rpc:
@@ -179,7 +228,19 @@ class Client:
         if (schema, cell) == (NAMING_SCHEMA, NAMING_CELL):
             b = self._naming_binding
             return ServiceInfo(schema, cell, "", b.rpc, b.events, b.instance_id, "open", 0, 0.0)
-        return ServiceInfo(*(await self._registration(cell, schema, wait_s, timeout_s))[:9])
+        row = await self._registration(cell, schema, wait_s, timeout_s)
+        return ServiceInfo(row.schema, row.cell, row.host, row.rpc, row.events, row.instance_id, row.protection,
+                           row.pid, row.started, getattr(row, "local", ""))
+
+    def _rpc(self, row: Any) -> str:
+        """Where calls to a registered instance go: its ipc endpoint for local
+        credentials (an OS user logs in there), else its TCP endpoint."""
+        if self._local:
+            local: str = getattr(row, "local", "")
+            if local:
+                return local
+        rpc: str = row.rpc
+        return rpc
 
     async def _registration(self, cell: str, schema: str, wait_s: float, timeout_s: float | None) -> Any:
         """Naming's row for (schema, cell), or the typed error saying why there is none."""
@@ -224,12 +285,23 @@ class Client:
         """:meth:`call` with the arguments as a mapping (names that clash with ours)."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
+        row: Any = None
         if (schema, cell) == (NAMING_SCHEMA, NAMING_CELL):
             rpc, level = self._naming_binding.rpc, "open"
         else:  # the endpoint and level are all a call needs: no ServiceInfo built per call
             row = await self._registration(cell, schema, 0.0, timeout)
-            rpc, level = row.rpc, row.protection
-        return await self._call(rpc, schema, cell, level, operation, args, deadline)
+            rpc, level = self._rpc(row), row.protection
+        if self.credential_provider is None:
+            return await self._call(rpc, schema, cell, level, operation, args, deadline)
+
+        async def attempt() -> Any:
+            nonlocal deadline
+            if deadline <= time.monotonic():  # a person answered a prompt meanwhile
+                deadline = time.monotonic() + timeout
+            return await self._call(self._rpc(row) if row is not None else rpc, schema, cell, level, operation,
+                                    args, deadline)
+
+        return await self._with_login(schema, cell, operation, attempt)
 
     async def _call(
         self, rpc: str, schema: str, cell: str, level: str, operation: str, args: Mapping[str, Any], deadline: float
@@ -280,11 +352,14 @@ class Client:
 
     async def cache(self, cell: str, schema: str, *, timeout_s: float | None = None) -> Cache:
         """Join (schema, cell) and keep a live local copy of its relations."""
-        deadline = self._deadline(timeout_s)
-        info = await self.find(cell, schema, timeout_s=self._remaining(deadline))
-        cache = Cache(info.binding(), self)
-        await self._track(cache, self._remaining(deadline))
-        return cache
+        async def attempt() -> Cache:
+            deadline = self._deadline(timeout_s)
+            info = await self.find(cell, schema, timeout_s=self._remaining(deadline))
+            cache = Cache(info.binding(self._rpc(info)), self)
+            await self._track(cache, self._remaining(deadline))
+            return cache
+
+        return await self._with_login(schema, cell, "get_dump", attempt)
 
     async def follow(
         self,
@@ -296,11 +371,14 @@ class Client:
         timeout_s: float | None = None,
     ) -> Follower:
         """Receive delta batches of (schema, cell) without caching them."""
-        deadline = self._deadline(timeout_s)
-        info = await self.find(cell, schema, timeout_s=self._remaining(deadline))
-        follower = Follower(info.binding(), self, on_batch, on_dump)
-        await self._track(follower, self._remaining(deadline))
-        return follower
+        async def attempt() -> Follower:
+            deadline = self._deadline(timeout_s)
+            info = await self.find(cell, schema, timeout_s=self._remaining(deadline))
+            follower = Follower(info.binding(self._rpc(info)), self, on_batch, on_dump)
+            await self._track(follower, self._remaining(deadline))
+            return follower
+
+        return await self._with_login(schema, cell, "get_dump", attempt)
 
     def _deadline(self, timeout_s: float | None) -> float:
         return time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)

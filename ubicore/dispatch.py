@@ -165,9 +165,10 @@ class InstanceCore:
 
     # --- requests ------------------------------------------------------------------------
 
-    def handle(self, frames: list[bytes], peer: bytes = b"") -> list[bytes] | None:
+    def handle(self, frames: list[bytes], peer: bytes = b"", uid: int | None = None) -> list[bytes] | None:
         """Answer one request's frames with reply frames (None: dropped). ``peer`` names
-        the connection it came on (the ROUTER identity), for the login caps."""
+        the connection it came on (the ROUTER identity), for the login caps; ``uid`` is
+        the kernel's word on who is at the other end of an ipc connection (local logins)."""
         try:
             msg = parse_client_message(frames)
         except ProtocolError as exc:
@@ -183,7 +184,7 @@ class InstanceCore:
         self.stats.requests += 1
         try:
             if msg.operation in AUTH_OPERATIONS:
-                return encode_reply_packed(msg.corr_id, self._login(msg, peer))
+                return encode_reply_packed(msg.corr_id, self._login(msg, peer, uid))
             return encode_reply_packed(msg.corr_id, self.execute(msg))
         except RemoteError as err:
             return self._error(msg, err)
@@ -216,11 +217,15 @@ class InstanceCore:
         except ValueError:  # a detail that cannot travel: send the rest
             return encode_error(req.corr_id, err.code, str(err.message), {})
 
-    def _login(self, req: Request, peer: bytes) -> bytes:
+    def _login(self, req: Request, peer: bytes, uid: int | None = None) -> bytes:
         if req.schema != self.name or req.cell != self.cell:
             raise NotFound(f"this endpoint serves {self.name} at {self.cell}, not {req.schema} at {req.cell}")
         if req.operation == "auth_hello":
             return pack(self.guard.hello(peer, req.args))
+        if req.operation == "auth_local":
+            if uid is None:
+                raise BadArguments("auth_local is answered only on the instance's ipc endpoint", {"argument": "operation"})
+            return pack(self.guard.local_login(peer, uid, req.args))
         try:
             return pack(self.guard.confirm(peer, req.args))
         except AuthenticationFailed:

@@ -10,29 +10,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import importlib
 import logging
 import os
+import pwd
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
+from .cache import Cache
 from .client import NAMING_CELL, NAMING_SCHEMA, Client
 from .config.model import InstancePlan, SiteConfig
 from .dispatch import InstanceCore
-from .errors import ConfigError, RemoteError, SchemaError
+from .errors import AuthenticationFailed, ConfigError, RemoteError, SchemaError
 from .schema import Protection, Schema, registered_schemas
-from .security.policy import FileSecurityStore, SecurityPolicy
+from .security.policy import DEFAULT_USER, PolicySource, SecurityPolicy, StaticPolicy
+from .security.primitives import DEFAULT_KDF, KdfParams
+from .sessions import Credentials
 from .service import DEFAULT_HEARTBEAT_S, InstanceServer
-from .store import Store, udata_path
+from .store import Store, Transaction, udata_path
 
 log = logging.getLogger(__name__)
 
 BUILTIN_SERVICE_MODULES = (
     "ubicore.services.naming",
+    "ubicore.services.perm",
     "ubicore.services.configuration",
     "ubicore.services.positions",
 )
 REGISTRATION_CHECK_S = 2.0
+PERM_SCHEMA = "UPerm::Config"
+MAX_IPC_PATH = 100
+"""Unix socket paths are limited to 107 bytes; longer dataset paths move to /tmp."""
 
 
 def load_schemas(site: SiteConfig) -> None:
@@ -56,14 +68,116 @@ def resolve_schema(site: SiteConfig, name: str) -> type[Schema]:
     return cls
 
 
-def site_policy(site: SiteConfig) -> FileSecurityStore:
-    """The security store of the site's dataset (users, schema levels)."""
-    return FileSecurityStore(site.dataset, site.name)
+def cell_parents(site: SiteConfig) -> dict[str, str | None]:
+    return {name: cell.parent for name, cell in site.cells.items()}
+
+
+def run_dir(site: SiteConfig) -> Path:
+    """Where the site's ipc sockets live on this host: ``<dataset>/run``, mode 0700 (or a
+    private directory under the system's temporary directory when that path is too long
+    for a Unix socket)."""
+    path = Path(site.dataset).resolve() / "run"
+    if len(str(path)) + 22 > MAX_IPC_PATH:
+        digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+        private = Path(tempfile.gettempdir()) / f"ubicore-{os.getuid()}"
+        _private_dir(private)
+        path = private / digest
+    _private_dir(path)
+    return path
+
+
+def _private_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot make the ipc directory: {exc.strerror}") from None
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConfigError(str(path), "", "the ipc directory must be this user's and private; "
+                                         f"fix it with: chmod 700 {path}")
+
+
+def ipc_endpoint(site: SiteConfig, schema: str, cell: str) -> str:
+    """The ``ipc://`` endpoint of (schema, cell) on this host."""
+    name = hashlib.sha256(f"{schema}@{cell}".encode()).hexdigest()[:16]
+    return f"ipc://{run_dir(site)}/{name}.ipc"
+
+
+def perm_path(site: SiteConfig) -> Path:
+    return udata_path(site.dataset, NAMING_CELL, PERM_SCHEMA)
+
+
+def init_site(
+    site: SiteConfig,
+    admin_password: str,
+    *,
+    admin_user: str = "administrator",
+    kdf: KdfParams = DEFAULT_KDF,
+    os_user: tuple[str, int] | None = None,
+) -> bool:
+    """Create the site's dataset and its factory policy (``services/perm.py``): the
+    administrator (a member of ``admin``), ``default`` (empty password), the groups
+    ``admin``, ``everyone`` and ``services``, and ``os_user`` (name, uid: the account the
+    site's services run as) in ``services``. False if the site was initialised already."""
+    from .security.amp import make_verifier
+
+    load_schemas(site)
+    perm = importlib.import_module("ubicore.services.perm")
+    schema = registered_schemas()[PERM_SCHEMA]
+    store = Store(schema, perm_path(site))
+    try:
+        if store.tables["site"]:
+            return False
+        with contextlib.suppress(OSError):
+            os.chmod(Path(site.dataset), 0o700)
+        admin = make_verifier(admin_user, site.name, admin_password, kdf)
+        default = make_verifier(DEFAULT_USER, site.name, "", kdf)
+        tx = store.transaction()
+        perm.write_factory_policy(tx, site.name, kdf, admin, default, os_user)
+        tx.commit()
+        os.chmod(perm_path(site), 0o600)
+        return True
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def offline_policy(site: SiteConfig) -> Iterator[tuple[Any, Transaction]]:
+    """Edit ``UPerm::Config`` in the dataset while the core is *not* running: (the
+    schema object, a transaction) committed on leaving the block. The demo uses it
+    before it brings its site up; a running site is changed with ``ubi security``."""
+    load_schemas(site)
+    if not perm_path(site).exists():
+        raise ConfigError(str(site.source), "dataset", f"the site is not initialised: run 'ubi site init {site.source}'")
+    schema = registered_schemas()[PERM_SCHEMA]
+    store = Store(schema, perm_path(site))
+    try:
+        tx = store.transaction()
+        try:
+            yield schema(NAMING_CELL, {"cells": cell_parents(site)}), tx
+        except BaseException:
+            tx.rollback()
+            raise
+        tx.commit()
+    finally:
+        store.close()
+
+
+def current_os_user() -> tuple[str, int]:
+    """(login name, uid) of this process's account: the factory policy's service account."""
+    uid = os.getuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = f"uid{uid}"
+    return name, uid
 
 
 def make_core(
     site: SiteConfig, plan: InstancePlan, schema: type[Schema], policy: SecurityPolicy | None = None
 ) -> InstanceCore:
+    """An instance core for ``plan``; without ``policy``, one that knows no users (an
+    embedded or test instance of an open schema)."""
     path = udata_path(site.dataset, plan.cell, plan.schema) if any(
         r.persistent for r in schema.relations.values()
     ) else None
@@ -71,7 +185,7 @@ def make_core(
     protection = Protection(plan.protection) if plan.protection else None
     try:
         return InstanceCore(schema, plan.cell, store, options=plan.options, protection=protection,
-                            policy=policy or site_policy(site), security=site.security)
+                            policy=policy or StaticPolicy(site.name), security=site.security)
     except BaseException:
         store.close()
         raise
@@ -79,28 +193,82 @@ def make_core(
 
 @contextlib.asynccontextmanager
 async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> AsyncIterator[InstanceServer]:
-    """Run the naming registry on the site's core endpoints while the block runs."""
+    """Run the core schema services while the block runs: the naming registry on the
+    site's core endpoints, ``UPerm::Config`` on free ports of the core's address.
+    ConfigError if the site was never initialised (``ubi site init``)."""
+    if not perm_path(site).exists():
+        raise ConfigError(str(site.source), "dataset",
+                          f"the site is not initialised (no {perm_path(site)}): run 'ubi site init {site.source}'")
     registry = resolve_schema(site, NAMING_SCHEMA)
+    perm = resolve_schema(site, PERM_SCHEMA)
+    source = PolicySource(site.name)
+    perm_core = make_core(site, InstancePlan(PERM_SCHEMA, NAMING_CELL, site.core.host, None,
+                                             {"cells": cell_parents(site)}), perm, source.policy())
+    feed_policy(source, lambda rel: perm_core.store.tables[rel].values(), cell_parents(site))
+    perm_core.policy.refresh()
+    perm_server = InstanceServer(perm_core, address=site.core.address, heartbeat_s=heartbeat_s,
+                                 local=ipc_endpoint(site, PERM_SCHEMA, NAMING_CELL))
+    _after_commits(perm_server, lambda: feed_policy(source, lambda rel: perm_core.store.tables[rel].values(),
+                                                    cell_parents(site)))
     plan = InstancePlan(NAMING_SCHEMA, NAMING_CELL, site.core.host, None, {})
-    store = site_policy(site)
-    if store.init():
-        log.info("created the security store %s (user default, read)", store.path)
-    core = make_core(site, plan, registry, store)
+    try:
+        core = make_core(site, plan, registry, source.policy())
+    except BaseException:
+        perm_core.store.close()
+        raise
     server = InstanceServer(
         core, address=site.core.address, rpc_port=site.core.rpc_port, event_port=site.core.event_port,
-        heartbeat_s=heartbeat_s,
+        heartbeat_s=heartbeat_s, local=ipc_endpoint(site, NAMING_SCHEMA, NAMING_CELL),
     )
-    await _start_or_close(server)
+    try:
+        await _start_or_close(perm_server)
+    except BaseException:
+        core.store.close()
+        raise
+    try:
+        await _start_or_close(server)
+    except BaseException:
+        await perm_server.stop()
+        raise
     try:
         with server.transaction() as tx:
-            tx.instances.upsert(
-                schema=NAMING_SCHEMA, cell=NAMING_CELL, host=site.core.host, rpc=server.rpc_endpoint,
-                events=server.event_endpoint, instance_id=core.instance_id,
-                protection=core.protection.value, pid=os.getpid(), started=time.time(),
-            )
+            for s in (server, perm_server):
+                tx.instances.upsert(
+                    schema=s.core.name, cell=NAMING_CELL, host=site.core.host, rpc=s.rpc_endpoint,
+                    events=s.event_endpoint, instance_id=s.core.instance_id, protection=s.core.protection.value,
+                    pid=os.getpid(), started=time.time(), local=s.core.endpoints.get("local", ""),
+                )
+        server.companions[PERM_SCHEMA] = perm_server
         yield server
     finally:
         await server.stop()
+        await perm_server.stop()
+
+
+def feed_policy(source: PolicySource, rows: Callable[[str], Iterable[Any]], parents: dict[str, str | None]) -> None:
+    """Build the policy model from ``UPerm::Config`` rows and install it in ``source``."""
+    built = importlib.import_module("ubicore.services.perm").build_model(rows, parents)
+    source.update(built.model, fake_key=built.fake_key, kdf=built.kdf)
+
+
+def _after_commits(server: InstanceServer, then: Callable[[], None]) -> None:
+    """Run ``then`` once after the commits of a loop turn (a policy rebuild per batch)."""
+    committed = server.core._on_commit
+    scheduled = False
+
+    def run() -> None:
+        nonlocal scheduled
+        scheduled = False
+        then()
+
+    def on_commit() -> None:
+        nonlocal scheduled
+        committed()
+        if not scheduled:
+            scheduled = True
+            asyncio.get_running_loop().call_soon(run)
+
+    server.core._on_commit = on_commit
 
 
 async def _start_or_close(server: InstanceServer) -> None:
@@ -117,7 +285,7 @@ async def _register(client: Client, plan: InstancePlan, server: InstanceServer) 
         NAMING_CELL, NAMING_SCHEMA, "register",
         schema=plan.schema, cell=plan.cell, host=plan.host, rpc=server.rpc_endpoint,
         events=server.event_endpoint, instance_id=core.instance_id,
-        protection=core.protection.value, pid=os.getpid(),
+        protection=core.protection.value, pid=os.getpid(), local=core.endpoints.get("local", ""),
     )
 
 
@@ -140,16 +308,84 @@ async def _keep_registered(client: Client, plan: InstancePlan, server: InstanceS
             await asyncio.wait_for(wake.wait(), REGISTRATION_CHECK_S)
 
 
+class PolicyFollower:
+    """An instance's policy: a cache of ``UPerm::Config`` fed into a :class:`PolicySource`,
+    joined as the OS user of this account over the core's ipc endpoint (DESIGN.md §6:
+    every instance follows the policy as a caching client)."""
+
+    def __init__(self, site: SiteConfig, client: Client | None = None) -> None:
+        self.site = site
+        self.source = PolicySource(site.name)
+        self._client = client or Client.for_site(site, credentials=Credentials.local())
+        self._own_client = client is None
+        self._cache: Cache | None = None
+        self._scheduled = False
+
+    async def start(self, *, retry_s: float = 1.0, warn_after_s: float = 10.0) -> None:
+        """Join ``UPerm::Config``; retries until it answers (an instance serves nothing
+        protected before it knows the policy)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        warned = False
+        while True:
+            try:
+                self._cache = await self._client.cache(NAMING_CELL, PERM_SCHEMA)
+                break
+            except (RemoteError, ConfigError) as exc:
+                if not warned and loop.time() - started > warn_after_s:
+                    log.warning("waiting for the site's security policy: %s", exc)
+                    warned = True
+                if isinstance(exc, AuthenticationFailed) and not warned:
+                    log.warning("cannot read the site's security policy: %s", exc)
+                    warned = True
+                await asyncio.sleep(retry_s)
+        self._feed()
+        self._cache.on_change(self._changed)
+
+    def _changed(self, relation: str, old: Any, new: Any) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._feed)
+
+    def _feed(self) -> None:
+        self._scheduled = False
+        cache = self._cache
+        if cache is not None:
+            feed_policy(self.source, lambda rel: cache.table(rel).values(), cell_parents(self.site))
+
+    async def close(self) -> None:
+        if self._cache is not None:
+            await self._cache.close()
+        if self._own_client:
+            await self._client.close()
+
+
 @contextlib.asynccontextmanager
 async def serve_instance(
     site: SiteConfig, plan: InstancePlan, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S,
     policy: SecurityPolicy | None = None,
 ) -> AsyncIterator[InstanceServer]:
-    """Run one planned instance, registered with naming, while the block runs."""
+    """Run one planned instance, registered with naming, while the block runs. Without
+    ``policy`` it follows the site's ``UPerm::Config`` (and waits for it first)."""
     schema = resolve_schema(site, plan.schema)
-    core = make_core(site, plan, schema, policy)
-    server = InstanceServer(core, address=site.hosts[plan.host].address, heartbeat_s=heartbeat_s)
-    await _start_or_close(server)
+    follower: PolicyFollower | None = None
+    if policy is None:
+        follower = PolicyFollower(site)
+        try:
+            await follower.start()
+        except BaseException:
+            await follower.close()
+            raise
+    active: SecurityPolicy = policy if policy is not None else follower.source.policy()  # type: ignore[union-attr]
+    try:
+        core = make_core(site, plan, schema, active)
+        server = InstanceServer(core, address=site.hosts[plan.host].address, heartbeat_s=heartbeat_s,
+                                local=ipc_endpoint(site, plan.schema, plan.cell))
+        await _start_or_close(server)
+    except BaseException:
+        if follower is not None:
+            await follower.close()
+        raise
     client = Client.for_site(site)
     keeper = asyncio.create_task(_keep_registered(client, plan, server))
     try:
@@ -165,3 +401,5 @@ async def serve_instance(
             )
         await client.close()
         await server.stop()
+        if follower is not None:
+            await follower.close()

@@ -56,7 +56,7 @@ __all__ = [
 _PART = r"[A-Za-z_][A-Za-z0-9_]*"
 SCHEMA_NAME = re.compile(rf"^{_PART}::{_PART}$")
 MEMBER_NAME = re.compile(rf"^{_PART}$")
-BUILTIN_OPERATIONS = frozenset({"get_group", "get_dump", "get_stats", "get_keys", "auth_hello", "auth_confirm"})
+BUILTIN_OPERATIONS = frozenset({"get_group", "get_dump", "get_stats", "get_keys", "auth_hello", "auth_confirm", "auth_local"})
 RESERVED_RELATION_NAMES = frozenset({"describe", "commit", "rollback", "log", "done"})
 """Names a relation cannot take: ``tx.<name>`` or ``Schema.<name>`` would not reach it."""
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -25,9 +25,10 @@ from .dispatch import InstanceCore
 from .protocol.codec import HEADER_WELCOME, encode_delta_batches, encode_heartbeat
 from .protocol.messages import Heartbeat
 from .schema import Protection
+from .security.local import peer_uid
 from .security.session import ServerSession
 from .store import Transaction
-from .transport.sockets import Pump, bind_retrying, make_publisher, make_router
+from .transport.sockets import Pump, bind, bind_retrying, make_publisher, make_router, recv_frames_with_peer
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,13 @@ class InstanceServer:
         rpc_port: int = 0,
         event_port: int = 0,
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+        local: str | None = None,
     ) -> None:
+        """``local``: an ``ipc://`` endpoint to answer requests on too, where OS users of
+        this host log in without a password (the kernel names the peer's uid)."""
         self.core = core
+        self._local_endpoint = local
+        self._local: Pump | None = None
         self._address = address
         self._ports = (rpc_port, event_port)
         self._heartbeat_s = heartbeat_s
@@ -104,6 +110,10 @@ class InstanceServer:
         self._tasks: list[asyncio.Task[Any]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_level_change: Callable[[Protection], None] | None = None
+        self._unsubscribe: Callable[[], None] = lambda: None
+        self.companions: dict[str, InstanceServer] = {}
+        """Core services served beside this one, by schema (the core's naming server
+        lists ``UPerm::Config`` here)."""
         core._on_commit = self._committed
 
     def transaction(self) -> contextlib.AbstractContextManager[Transaction]:
@@ -130,12 +140,25 @@ class InstanceServer:
             pub.close(0)
             router.close(0)
             raise
+        if self._local_endpoint is not None:
+            local = make_router(hwm=ROUTER_HWM)
+            try:
+                self.core.endpoints["local"] = bind(local, self._local_endpoint)
+            except BaseException:
+                for sock in (pub, router, local):
+                    sock.close(0)
+                raise
+            self._local = Pump(local, self._on_local_request, self._loop, recv=recv_frames_with_peer)
         # The publisher hands subscriptions up; nothing needs them, but they must be read.
         self._pub = Pump(pub, _discard, self._loop)
         self.core.endpoints.update(rpc=rpc, events=events)
         self._router = Pump(router, self._on_request, self._loop)
         self._tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeats"))
         self._tasks.append(asyncio.create_task(self._security(), name="security"))
+        source = getattr(self.core.policy, "source", None)
+        if source is not None:  # a policy change is applied at once, not at the next tick
+            loop = self._loop
+            self._unsubscribe = source.subscribe(lambda: loop.call_soon(self._policy_changed))
         if hasattr(self.core.obj, "run"):
             self._tasks.append(asyncio.create_task(self._run_schema(), name="schema-run"))
         log.info("%s@%s serving rpc %s events %s", self.core.name, self.core.cell, rpc, events)
@@ -156,6 +179,18 @@ class InstanceServer:
         if reply is not None and self._router is not None:
             try:
                 self._router.send([frames[0], *reply])
+            except Exception as exc:
+                log.warning("%s@%s: reply not sent: %s", self.core.name, self.core.cell, exc)
+
+    def _on_local_request(self, frames: list[bytes]) -> None:
+        if len(frames) < 3:
+            self.core.stats.malformed += 1
+            return
+        uid = peer_uid(frames[0].decode(errors="replace"))
+        reply = self.core.handle(frames[2:], b"ipc:" + frames[1], uid)
+        if reply is not None and self._local is not None:
+            try:
+                self._local.send([frames[1], *reply])
             except Exception as exc:
                 log.warning("%s@%s: reply not sent: %s", self.core.name, self.core.cell, exc)
 
@@ -228,6 +263,14 @@ class InstanceServer:
         self.flush()  # what was committed before a rotation goes under the key it was made under
         self._publish(core.guard.tick())
 
+    def _policy_changed(self) -> None:
+        if self._pub is None:
+            return
+        try:
+            self.security_tick()
+        except Exception:
+            log.exception("%s@%s: security tick failed", self.core.name, self.core.cell)
+
     async def _security(self) -> None:
         while True:
             await asyncio.sleep(SECURITY_TICK_S)
@@ -242,6 +285,7 @@ class InstanceServer:
             await asyncio.sleep(self._heartbeat_s)
 
     async def stop(self) -> None:
+        self._unsubscribe()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -252,7 +296,8 @@ class InstanceServer:
             self.flush()
             self._pub.close()  # closes the socket
             self._pub = None
-        if self._router is not None:
-            self._router.close()
-            self._router = None
+        for pump in (self._router, self._local):
+            if pump is not None:
+                pump.close()
+        self._router = self._local = None
         self.core.store.close()

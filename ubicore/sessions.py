@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import AuthenticationFailed, CallTimeout, DecryptionFailed, RemoteError
 from .security.amp import Challenge, ClientHandshake, Grant, PasswordSecret, UserSecret
+from .security.local import LocalClient, LocalGrant
 from .security.policy import DEFAULT_USER
 from .security.primitives import KdfParams
 from .security.session import (
@@ -28,6 +29,9 @@ from .security.session import (
     delivery_context,
 )
 from .transport.rpc import RpcConnection
+
+LOCAL_USER = "(os user)"
+"""The name local credentials carry until an instance names the OS user."""
 
 __all__ = ["Credentials", "SessionManager", "RENEW_MARGIN", "finish_login", "parse_challenge"]
 
@@ -53,6 +57,23 @@ class Credentials:
     @classmethod
     def anonymous(cls) -> Credentials:
         return cls(DEFAULT_USER, PasswordSecret(""))
+
+    @classmethod
+    def local(cls) -> Credentials:
+        """Log in as the OS user of this process's Unix account, without a password,
+        over the instances' ``ipc://`` endpoints (the client must run on their host)."""
+        return cls(LOCAL_USER, LocalSecret())
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.secret, LocalSecret)
+
+
+class LocalSecret(UserSecret):
+    """No secret: the kernel vouches for the uid (local logins)."""
+
+    def __repr__(self) -> str:
+        return "<LocalSecret>"
 
 
 def parse_challenge(reply: Any) -> tuple[bytes, Challenge, str, bytes]:
@@ -119,6 +140,13 @@ class SessionManager:
         stay sealed from then on, whatever a later, unauthenticated answer claims."""
         return (endpoint, schema, cell) in self._held
 
+    def switch(self, credentials: Credentials) -> None:
+        """Log in as someone else from now on: every session is dropped (its group keys
+        still open the channel until a rotation), the next call logs in anew."""
+        self.credentials = credentials
+        for s in self._sessions.values():
+            s.expires_at = 0.0
+
     def drop(self, endpoint: str, schema: str, cell: str) -> None:
         s = self._sessions.get((endpoint, schema, cell))
         if s is not None:
@@ -166,6 +194,8 @@ class SessionManager:
     async def _login(self, conn: RpcConnection, schema: str, cell: str, timeout_s: float) -> ClientSession:
         deadline = self._clock() + timeout_s
         creds = self.credentials
+        if creds.is_local:
+            return await self._local_login(conn, schema, cell, timeout_s)
         hs = ClientHandshake(creds.user, self.site, creds.secret)  # None: the site named in pass 2
         hello = hs.start()
         reply = await conn.call(schema, cell, "auth_hello", {"user": hello.user, "g1": hello.g1}, timeout_s)
@@ -179,6 +209,32 @@ class SessionManager:
         session = finish_login(hs, reply, schema, cell, instance_id, self._clock(), RENEW_MARGIN)
         self.logins += 1
         return session
+
+
+    async def _local_login(self, conn: RpcConnection, schema: str, cell: str, timeout_s: float) -> ClientSession:
+        if not conn.endpoint.startswith("ipc://"):
+            raise AuthenticationFailed(f"{schema} at {cell} has no ipc endpoint here: "
+                                       "an OS user logs in only on the instance's own host")
+        lc = LocalClient()
+        reply = await conn.call(schema, cell, "auth_local", {"pk": lc.pk}, timeout_s)
+        try:
+            grant = LocalGrant(*(reply[k] for k in ("user", "pk", "nonce", "keys", "version")))
+            site, instance_id = reply["site"], reply["instance_id"]
+            if type(site) is not str or type(instance_id) is not bytes or type(grant.version) is not int:
+                raise ValueError
+            if self.site is not None and site != self.site:
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise AuthenticationFailed("authentication failed (malformed local grant)") from None
+        payload, k_sess = lc.finish(grant, site, delivery_context(schema, cell, instance_id))
+        try:
+            sg = SessionGrant.decode(payload)
+        except DecryptionFailed:
+            raise AuthenticationFailed("authentication failed") from None
+        if sg.epoch != grant.version or sg.user != grant.user:
+            raise AuthenticationFailed("authentication failed")
+        self.logins += 1
+        return client_session(schema, cell, instance_id, sg, k_sess, self._clock() + sg.ttl_s * RENEW_MARGIN)
 
 
 def finish_login(

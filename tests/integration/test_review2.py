@@ -109,12 +109,12 @@ async def test_review2_a_failing_session_renewal_is_not_retried_for_every_event(
     async with running_site(tmp_path, instances=[(COUNTER, "Site")], extra_deployments=FULL_COUNTER,
                             security={"session_ttl_s": 1}) as rs:
         server = rs.server(COUNTER, "Site")
-        rs.store.set_user("reader", "password-1", Right.READ)
+        rs.policy.set_user("reader", "password-1", Right.READ)
         await _wait_until(lambda: server.core.policy.verifier("reader") is not None, "the new user")
         client = rs.new_client(user=("reader", "password-1"))
         cache = await client.cache("Site", COUNTER)
         old_salt = server.core.policy.verifier("reader").salt
-        rs.store.set_user("reader", "password-2", Right.READ, create=False)  # the old one no longer logs in
+        rs.policy.set_user("reader", "password-2", Right.READ, create=False)  # the old one no longer logs in
         await _wait_until(lambda: server.core.policy.verifier("reader").salt != old_salt, "the new password")
         await asyncio.sleep(1.0)  # the store re-read; the client's session now past its renewal point
         failures = server.core.guard.stats.login_failures

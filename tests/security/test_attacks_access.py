@@ -229,7 +229,7 @@ async def test_a_stolen_verifier_logs_nobody_in(tmp_path: Path) -> None:
         server = rs.server(COUNTER, "Site")
         guard = server.core.guard
         user = OPERATOR[0]
-        record = rs.store.users()[user].record  # what the thief took from the store
+        record = rs.policy.users()[user].record  # what the thief took from the store
         site = rs.site.name
         # Keeping the attack honest: the same computation beats the naive variant (β = [y]G1).
         a = int.from_bytes(os.urandom(32), "little") % L or 1

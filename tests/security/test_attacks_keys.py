@@ -117,7 +117,7 @@ async def test_taking_the_read_right_cuts_a_live_anonymous_session_off(tmp_path:
         async with eavesdropper(server.event_endpoint) as spy:
             rotations = server.core.guard.stats.rotations
             mark = len(spy.frames)
-            rs.store.set_right("default", Right.NONE)
+            rs.policy.set_right("default", Right.NONE)
             await wait_until(lambda: server.core.guard.stats.rotations > rotations)  # the next security tick
             await spy.wait_for(lambda s: any(isinstance(m, Rekey) for m in s.messages(mark)))
             for _ in range(4):
@@ -185,7 +185,7 @@ async def test_a_level_change_seals_the_channel_and_caches_keep_following(tmp_pa
             await client.call("Site", COUNTER, "set_value", name="lv", value=2, payload="clear-before")
             await spy.wait_for(lambda s: any(b"clear-before" in f[1] for f in s.frames if len(f) == 2))
 
-            rs.store.set_level(COUNTER, Protection.FULL)
+            rs.policy.set_level(COUNTER, Protection.FULL)
             await wait_until(lambda: server.core.protection is Protection.FULL)
             info = await client.find("Site", COUNTER)
             naming = await client.naming()
@@ -208,7 +208,7 @@ async def test_a_level_change_seals_the_channel_and_caches_keep_following(tmp_pa
                 rep = await d.request("get_dump")
                 assert isinstance(rep, ErrorReply) and rep.code == "auth_required"
 
-            rs.store.set_level(COUNTER, Protection.OPEN)
+            rs.policy.set_level(COUNTER, Protection.OPEN)
             await wait_until(lambda: server.core.protection is Protection.OPEN)
             await naming.wait_for(lambda c: c.table("instances")[(COUNTER, "Site")].protection == "open", GUARD_S)
             await client.call("Site", COUNTER, "set_value", name="lv", value=6, payload="clear-again")

@@ -67,26 +67,6 @@ def test_an_exhausted_client_session_asks_for_a_new_login() -> None:
     assert dataclasses.is_dataclass(c)
 
 
-def test_a_security_store_others_can_write_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Review: a world-writable policy.json was loaded without complaint (anyone on the
-    host could have given themselves the update right)."""
-    import os
-
-    from ubicore.errors import ConfigError
-    from ubicore.security.policy import FileSecurityStore
-    from ubicore.security.primitives import KdfParams
-
-    store = FileSecurityStore(tmp_path, "s", kdf=KdfParams(1, 1, 64))
-    store.init()
-    os.chmod(store.path, 0o666)
-    with pytest.raises(ConfigError) as info:
-        store.refresh()
-    assert "chmod go-w" in str(info.value) and str(store.path) in str(info.value)
-    os.chmod(store.path, 0o600)
-    store.refresh()
-    assert "default" in store.users()
-
-
 def test_the_per_user_session_cap_evicts_that_users_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
     """Review: the caps scanned every session on every login; now they use the table's
     per-user index, which must stay true through every way a session ends."""

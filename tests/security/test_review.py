@@ -192,7 +192,7 @@ async def test_review_a_login_in_flight_when_the_level_changes_still_succeeds(tm
         call = asyncio.create_task(client.call("Site", COUNTER, "bump", name="lv"))
         try:
             await gate.wait_entered()
-            rs.store.set_level(COUNTER, Protection.FULL)
+            rs.policy.set_level(COUNTER, Protection.FULL)
             await wait_until(lambda: server.core.protection is Protection.FULL)
             gate.release.set()
             assert await call == 1

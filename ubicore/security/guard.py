@@ -35,6 +35,7 @@ from ..protocol.codec import encode_rekey, encode_sealed_event, encode_sealed_re
 from ..protocol.messages import Rekey, Request, Sealed
 from ..schema import Protection
 from .amp import Challenge, Confirm, Hello, ServerHandshake
+from .local import server_grant
 from .policy import Right, SecurityPolicy
 from .primitives import KdfParams, Rng
 from .session import (
@@ -50,7 +51,7 @@ from .session import (
 
 log = logging.getLogger(__name__)
 
-AUTH_OPERATIONS = frozenset({"auth_hello", "auth_confirm"})
+AUTH_OPERATIONS = frozenset({"auth_hello", "auth_confirm", "auth_local"})
 OPEN_UNDER_UPDATE = frozenset({"get_group", "get_dump"})
 MAX_PENDING = 4096
 MAX_PENDING_PER_PEER = 16
@@ -152,6 +153,7 @@ class SessionGuard:
         self.level_epoch = self.keys.epoch
         self._rotated_at = clock()
         self._context = delivery_context(schema, cell, instance_id)
+        self._local: dict[bytes, int] = {}  # session id → uid, for the sessions of OS users
 
     @property
     def epoch(self) -> int:
@@ -212,6 +214,28 @@ class SessionGuard:
         self.stats.logins += 1
         self.stats.sessions = len(self.sessions)
         return {"h_s": pass4.h_s, "nonce": pass4.nonce, "keys": pass4.wrapped, "version": pass4.version}
+
+    def local_login(self, peer: bytes, uid: int, args: Mapping[str, Any]) -> dict[str, Any]:
+        """``auth_local`` from an ipc connection whose peer the kernel says is ``uid``:
+        a session for the site's OS user with that uid (security/local.py)."""
+        user = self.policy.os_user(uid)
+        if user is None:
+            self.stats.login_failures += 1
+            raise AuthenticationFailed(f"authentication failed: uid {uid} is not an OS user of this site")
+        self._make_room(user)
+        sid, c2s, s2c = new_session_keys(self._rng)
+        may_read = self.level is Protection.FULL and self._right(user) >= Right.READ
+        grant = SessionGrant(sid, c2s, s2c, self.epoch, self.level.value, self.settings.session_ttl_s, user,
+                             self.keys.delivered() if may_read else ())
+        lg, k_sess = server_grant(user, self.policy.site, self._context, args.get("pk"), grant.encode(), self.epoch,
+                                  rng=self._rng)
+        self.sessions[sid] = server_session(self.schema, self.cell, self.instance_id, grant, k_sess,
+                                            self._clock() + self.settings.session_ttl_s, peer=peer, may_read=may_read)
+        self._local[sid] = uid
+        self.stats.logins += 1
+        self.stats.sessions = len(self.sessions)
+        return {"user": user, "pk": lg.pk, "nonce": lg.nonce, "keys": lg.wrapped, "version": lg.version,
+                "site": self.policy.site, "instance_id": self.instance_id}
 
     def _expire_pending(self) -> None:
         limit = self._clock() - self.settings.pending_timeout_s
@@ -347,7 +371,8 @@ class SessionGuard:
     def reevaluate(self) -> list[list[bytes]]:
         """After a policy change: end sessions of users who are gone or disabled, and
         rotate away from sessions that lost the read right."""
-        gone = {sid for sid, s in self.sessions.items() if self.policy.verifier(s.user) is None}
+        self._local = {sid: uid for sid, uid in self._local.items() if sid in self.sessions}
+        gone = {sid for sid, s in self.sessions.items() if not self._still_known(sid, s.user)}
         for sid in gone:
             del self.sessions[sid]
         self.stats.sessions = len(self.sessions)
@@ -355,6 +380,12 @@ class SessionGuard:
         if not (gone or losing) or self.level is not Protection.FULL:
             return []
         return self.rotate("policy change", entitled=lambda s: s.session_id not in losing and s.session_id not in gone)
+
+    def _still_known(self, sid: bytes, user: str) -> bool:
+        uid = self._local.get(sid)
+        if uid is not None:
+            return self.policy.os_user(uid) == user
+        return self.policy.verifier(user) is not None
 
     def set_level(self, level: Protection) -> bool:
         """Move to another level: a new epoch, new group keys, every session ends (clients

@@ -22,6 +22,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
@@ -220,6 +221,22 @@ def point_add(p: bytes, q: bytes) -> bytes:
     except (CryptoError, RuntimeError, TypeError, ValueError):
         raise InvalidElement("invalid group element") from None
     return check_point(r)
+
+
+def x25519_keypair() -> tuple[Secret, bytes]:
+    """An ephemeral X25519 key pair: (private key, public key)."""
+    private = X25519PrivateKey.generate()
+    return Secret(private.private_bytes_raw()), private.public_key().public_bytes_raw()
+
+
+def x25519(private: Secret, peer_public: Any) -> bytes:
+    """The X25519 shared secret; InvalidElement for a malformed or low-order public key."""
+    if type(peer_public) is not bytes or len(peer_public) != POINT_BYTES:
+        raise InvalidElement("an X25519 public key is 32 bytes")
+    try:
+        return X25519PrivateKey.from_private_bytes(private.value).exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError:  # the all-zero shared secret of a low-order point
+        raise InvalidElement("X25519 public key of low order") from None
 
 
 def hash_to_scalar(label: str, transcript: bytes, suite_tag: str = "AMP-v1") -> bytes:

@@ -71,19 +71,17 @@ class LiveSite:
 
 
 def write_site(tmp: Path) -> Path:
-    """A site file on free ports, with its security store made (``default`` reads,
-    :data:`~ubicore.testing.site.OPERATOR` updates; tiny Argon2 costs)."""
+    """A site file on free ports, initialised with the factory policy
+    (:data:`~ubicore.testing.site.OPERATOR` administers; tiny Argon2 costs)."""
     rpc, events = free_ports(2)
     path = tmp / "site.yaml"
     path.write_text(SITE_TEMPLATE.format(dataset=tmp / "dataset", rpc=rpc, events=events))
     from ..config import load_site
-    from ..security.policy import FileSecurityStore, Right
+    from ..runtime import current_os_user, init_site
     from .site import OPERATOR, TEST_KDF
 
     site = load_site(path)
-    store = FileSecurityStore(site.dataset, site.name, kdf=TEST_KDF)
-    store.init()
-    store.set_user(OPERATOR[0], OPERATOR[1], Right.UPDATE)
+    init_site(site, OPERATOR[1], admin_user=OPERATOR[0], kdf=TEST_KDF, os_user=current_os_user())
     return path
 
 

@@ -48,7 +48,8 @@ from ..client import Client
 from ..config import parse_site
 from ..config.model import InstancePlan, SiteConfig
 from ..runtime import serve_core, serve_instance
-from ..security.policy import FileSecurityStore, Right
+from ..runtime import current_os_user, init_site
+from .policy import PolicyEditor
 from ..security.primitives import KdfParams
 from ..service import InstanceServer
 from ..sessions import Credentials
@@ -160,9 +161,8 @@ class RunningSite:
     def __init__(self, site: SiteConfig, client: Client, *, register_wait_s: float) -> None:
         self.site = site
         self.client = client
-        self.store = FileSecurityStore(site.dataset, site.name, kdf=TEST_KDF)
-        """The site's security store (users, schema levels); instances re-read it within
-        a quarter of a second of a change."""
+        self.policy = PolicyEditor(self._perm_server, site.name, TEST_KDF)
+        """Edits the site's ``UPerm::Config`` in process; instances apply a change at once."""
         self.servers: dict[Key, InstanceServer] = {}
         self.core: InstanceServer | None = None
         self.register_wait_s = register_wait_s
@@ -171,6 +171,11 @@ class RunningSite:
         self._clients: list[Client] = []
 
     # --- lookups ----------------------------------------------------------------------------
+
+    def _perm_server(self) -> InstanceServer:
+        if self.core is None:
+            raise RuntimeError("the core is not running")
+        return self.core.companions["UPerm::Config"]
 
     def plan(self, schema: str, cell: str) -> InstancePlan:
         """The site's plan for (schema, cell); ValueError if it is not deployed there."""
@@ -343,9 +348,9 @@ async def running_site(
     ``instances`` lists the (schema, cell) pairs to start (default: every planned one);
     the others can be started later with :meth:`RunningSite.start_instance`. The site
     file is written to ``tmp_path/site.yaml`` and the dataset lives in
-    ``tmp_path/dataset``. Its security store holds ``default`` (read) and
-    :data:`OPERATOR` (update), with :data:`TEST_KDF` costs; :attr:`RunningSite.client`
-    logs in as the operator. ``security`` becomes the site file's ``security`` section.
+    ``tmp_path/dataset``. Its policy is the factory one (``ubi site init``) with
+    :data:`OPERATOR` as the administrator and :data:`TEST_KDF` costs; this process's
+    account is its OS service user; :attr:`RunningSite.client` logs in as the operator. ``security`` becomes the site file's ``security`` section.
     """
     core_port, event_port = free_ports(2)
     text = site_yaml(tmp_path / "dataset", core_port=core_port, event_port=event_port,
@@ -362,9 +367,7 @@ async def running_site(
         for schema, cell in wanted:
             if site.instance(schema, cell) is None:
                 raise ValueError(f"{schema} is not deployed at {cell} in the test site")
-    store = FileSecurityStore(site.dataset, site.name, kdf=TEST_KDF)
-    store.init()
-    store.set_user(OPERATOR[0], OPERATOR[1], Right.UPDATE)
+    init_site(site, OPERATOR[1], admin_user=OPERATOR[0], kdf=TEST_KDF, os_user=current_os_user())
     client = Client.for_site(site, timeout_s=client_timeout_s, credentials=Credentials.password(*OPERATOR))
     rs = RunningSite(site, client, register_wait_s=register_wait_s)
     try:

@@ -127,6 +127,21 @@ def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
     return frames
 
 
+def recv_frames_with_peer(sock: zmq.Socket[bytes]) -> list[bytes]:
+    """:func:`recv_frames`, with the connection's ``Peer-Address`` (for ipc,
+    ``host:uid:gid:pid`` from the kernel) as an extra first frame."""
+    first = sock.recv(NOBLOCK, copy=False)
+    try:
+        address = first.get("Peer-Address")
+    except zmq.ZMQError:
+        address = ""
+    frames = [str(address or "").encode(), first.bytes]
+    more: Callable[[int], int] = sock.getsockopt  # type: ignore[assignment]
+    while more(_RCVMORE):
+        frames.append(sock.recv(NOBLOCK))
+    return frames
+
+
 class Pump:
     """Calls ``on_frames(frames)`` for each message arriving on ``sock``, in the loop."""
 
@@ -135,9 +150,12 @@ class Pump:
         sock: zmq.Socket[bytes],
         on_frames: Callable[[list[bytes]], None],
         loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        recv: Callable[[zmq.Socket[bytes]], list[bytes]] = recv_frames,
     ) -> None:
         self.sock = sock
         self._on_frames = on_frames
+        self._recv = recv
         self._loop = loop or asyncio.get_running_loop()
         self._fd: int = int(sock.getsockopt(zmq.FD))
         # getsockopt(EVENTS) is an int; pyzmq's stubs only know it as int | bytes.
@@ -157,13 +175,13 @@ class Pump:
         self._scheduled = False
         if self._closed:
             return
-        sock, on_frames = self.sock, self._on_frames
+        sock, on_frames, recv = self.sock, self._on_frames, self._recv
         events = self._events
         for _ in range(MAX_DRAIN_PER_WAKEUP):
             try:
                 if not events(_EVENTS) & _POLLIN:  # also re-arms the edge-triggered FD
                     return
-                frames = recv_frames(sock)
+                frames = recv(sock)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
