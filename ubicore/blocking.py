@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from .cache import Cache, ChangeCallback, Row
 from .client import DEFAULT_TIMEOUT_S, Client, ServiceInfo
 from .config.model import SiteConfig
+from .login import CredentialProvider
 from .sessions import Credentials
 
 __all__ = ["BlockingCache", "BlockingClient"]
@@ -100,16 +101,22 @@ class BlockingClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         credentials: Credentials | None = None,
         site: str | None = None,
+        credential_provider: CredentialProvider | None = None,
     ) -> None:
+        """``credential_provider``: asked for credentials when an action is denied
+        (ubicore/login.py); it runs in the client's loop thread (a blocking callable is
+        fine: it holds up only this client)."""
         self._loop = _LoopThread()
-        self._client = Client(core_rpc, core_events, timeout_s=timeout_s, credentials=credentials, site=site)
+        self._client = Client(core_rpc, core_events, timeout_s=timeout_s, credentials=credentials, site=site,
+                              credential_provider=credential_provider)
 
     @classmethod
     def for_site(
-        cls, site: SiteConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, credentials: Credentials | None = None
+        cls, site: SiteConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S, credentials: Credentials | None = None,
+        credential_provider: CredentialProvider | None = None,
     ) -> BlockingClient:
         return cls(site.core.rpc_endpoint, site.core.event_endpoint, timeout_s=timeout_s,
-                   credentials=credentials, site=site.name)
+                   credentials=credentials, site=site.name, credential_provider=credential_provider)
 
     def __enter__(self) -> BlockingClient:
         return self

@@ -199,6 +199,9 @@ async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT
     if not perm_path(site).exists():
         raise ConfigError(str(site.source), "dataset",
                           f"the site is not initialised (no {perm_path(site)}): run 'ubi site init {site.source}'")
+    if perm_path(site).stat().st_mode & 0o077:
+        raise ConfigError(str(perm_path(site)), "", "the security policy is open to other accounts (it holds "
+                                                    f"verifier records); fix it with: chmod 600 {perm_path(site)}")
     registry = resolve_schema(site, NAMING_SCHEMA)
     perm = resolve_schema(site, PERM_SCHEMA)
     source = PolicySource(site.name)
