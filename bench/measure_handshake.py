@@ -26,6 +26,7 @@ connection) is timed alongside as the transport floor.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,7 +49,11 @@ from ubicore.security.amp import (
     password_scalar,
 )
 from ubicore.security.guard import SessionGuard
-from ubicore.security.policy import FileSecurityStore, Right, StaticPolicy
+from ubicore.schema import registered_schemas
+from ubicore.security.amp import VerifierRecord
+from ubicore.security.policy import Right, StaticPolicy
+from ubicore.security.primitives import KdfParams
+from ubicore.store import Store, udata_path
 from ubicore.security.primitives import DEFAULT_KDF, Secret, random_key
 from ubicore.security.session import SessionGrant, delivery_context, new_session_keys
 from ubicore.sessions import Credentials, SessionManager
@@ -188,11 +193,22 @@ async def _clear_calls(conn: RpcConnection, samples: int) -> list[float]:
     return lat
 
 
+def _verifier_on_disk(dataset: Any, user: str) -> VerifierRecord:
+    """A user's verifier record as the site's UPerm::Config holds it (read-only)."""
+    importlib.import_module("ubicore.services.perm")  # declares UPerm::Config
+    schema = registered_schemas()["UPerm::Config"]
+    store = Store(schema, udata_path(dataset, "Site", "UPerm::Config"))
+    try:
+        row = store.tables["users"].get((user,))
+    finally:
+        store.close()
+    if row is None:
+        raise RuntimeError(f"{user} is missing from the site's policy")
+    return VerifierRecord(user, row.salt, KdfParams(row.kdf_t, row.kdf_p, row.kdf_m_kib), row.verifier)
+
+
 async def loopback(client: Client, dataset: Any, samples: int, kdf_samples: int) -> dict[str, Any]:
-    store = FileSecurityStore(dataset, SITE_NAME)
-    record = store.verifier(OPERATOR[0])
-    if record is None:
-        raise RuntimeError("the operator is missing from the security store")
+    record = _verifier_on_disk(dataset, OPERATOR[0])
     pi = password_scalar(OPERATOR[1], OPERATOR[0], SITE_NAME, record.salt, record.params)
     cached = Credentials(OPERATOR[0], ScalarSecret(pi, record.salt, record.params))
     out: dict[str, Any] = {}

@@ -43,7 +43,9 @@ from measure_rpc import RawRpc
 from raw_aead_child import AD_CONTEXT, BE8, PREFIX_C2S, PREFIX_EVENT, PREFIX_S2C
 
 from ubicore.client import Client
-from ubicore.security.policy import FileSecurityStore, Right
+from ubicore.config import load_site
+from ubicore.runtime import current_os_user, init_site, offline_policy
+from ubicore.security.amp import make_verifier
 from ubicore.security.primitives import DEFAULT_KDF
 from ubicore.testing.schemas import COUNTER
 from ubicore.testing.site import OPERATOR, TEST_KDF
@@ -70,11 +72,12 @@ def write_security_site(directory: Path) -> Path:
     dataset = directory / "dataset"
     path = write_site(directory, SITE_NAME, dataset, "ubicore.testing.schemas",
                       [{"schema": COUNTER, "cell": CELLS[lv], "protection": lv} for lv in LEVELS])
-    store = FileSecurityStore(dataset, SITE_NAME, kdf=TEST_KDF)
-    store.init()
-    store.set_user(OPERATOR[0], OPERATOR[1], Right.UPDATE)
-    store.kdf = DEFAULT_KDF  # new verifiers take the store's costs: this one gets the default
-    store.set_user(A2ID_USER[0], A2ID_USER[1], Right.READ)
+    site = load_site(path)
+    init_site(site, OPERATOR[1], admin_user=OPERATOR[0], kdf=TEST_KDF, os_user=current_os_user())
+    rec = make_verifier(A2ID_USER[0], SITE_NAME, A2ID_USER[1], DEFAULT_KDF)  # the default costs
+    with offline_policy(site) as (perm, tx):
+        type(perm).add_user(perm, tx, A2ID_USER[0], salt=rec.salt, verifier=rec.verifier, t=rec.params.t,
+                            p=rec.params.p, m_kib=rec.params.m_kib, groups=["everyone"])
     return path
 
 
