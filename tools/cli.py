@@ -20,6 +20,7 @@ import yaml
 from ubicore.client import Client
 from ubicore.config import SiteConfig, load_site
 from ubicore.errors import BadArguments, UbiError
+from ubicore.login import CredentialProvider, CredentialsFile, TerminalPrompt
 from ubicore.schema import BUILTIN_OPERATIONS
 from ubicore.sessions import Credentials
 
@@ -73,6 +74,24 @@ def credentials(ctx: click.Context) -> Credentials | None:
 
 def _client(ctx: click.Context, **kwargs: Any) -> Client:
     return Client.for_site(_site(ctx), credentials=credentials(ctx), **kwargs)
+
+
+def credential_provider(no_prompt: bool, credentials_file: str | None) -> CredentialProvider | None:
+    """Who is asked for credentials when an action is denied: the file given, else the
+    terminal (unless ``--no-prompt`` or stdin is no terminal), else nobody."""
+    if credentials_file is not None:
+        return CredentialsFile(credentials_file)
+    if no_prompt or not sys.stdin.isatty():
+        return None
+    return TerminalPrompt()
+
+
+def login_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--no-prompt`` and ``--credentials-file`` of the commands that may be denied."""
+    fn = click.option("--credentials-file", type=click.Path(dir_okay=False), default=None,
+                      help="When denied, log in with the user and password of this YAML file (mode 0600).")(fn)
+    return click.option("--no-prompt", is_flag=True,
+                        help="When denied, fail at once instead of asking on the terminal.")(fn)
 
 
 async def _until_signalled(body: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -165,6 +184,72 @@ def site_up(ctx: click.Context, file: str | None) -> None:
     click.echo(f"site {cfg.name} stopped")
 
 
+@site.command("init")
+@click.argument("file", required=False)
+@click.option("--admin", default="administrator", show_default=True, help="The first administrator's name.")
+@click.option("--generate-password", is_flag=True, help="Generate the administrator's password and show it once.")
+@click.option("--kdf-t", type=int, default=None, help="Argon2id passes of new passwords (default 3).")
+@click.option("--kdf-p", type=int, default=None, help="Argon2id lanes (default 4).")
+@click.option("--kdf-m-kib", type=int, default=None, help="Argon2id memory in KiB (default 65536).")
+@click.pass_context
+def site_init(ctx: click.Context, file: str | None, admin: str, generate_password: bool, kdf_t: int | None,
+              kdf_p: int | None, kdf_m_kib: int | None) -> None:
+    """Create FILE's dataset and its security model: the administrator ADMIN (password
+    from $UBI_NEW_PASSWORD, --generate-password or a hidden prompt, twice), the user
+    default (no password, reads), this OS account as the site's service user, and the
+    groups admin, everyone and services. Run once, before the first 'ubi site up'."""
+    from ubicore.runtime import current_os_user, init_site, perm_path
+    from ubicore.security.primitives import KdfParams
+
+    from .security_cli import new_password, show_generated
+
+    if file is not None:
+        ctx.obj["site_path"] = file
+    cfg = _site(ctx)
+    if perm_path(cfg).exists():
+        _fail(f"site {cfg.name} is initialised already ({perm_path(cfg)}); change it with 'ubi security'")
+    d = KdfParams()
+    try:
+        kdf = KdfParams(d.t if kdf_t is None else kdf_t, d.p if kdf_p is None else kdf_p,
+                        d.m_kib if kdf_m_kib is None else kdf_m_kib).check()
+    except ValueError as exc:
+        _fail(f"Argon2id costs: {exc}")
+    password, generated = new_password(admin, generate_password)
+    try:
+        made = init_site(cfg, password(), admin_user=admin, kdf=kdf, os_user=current_os_user())
+    except ValueError as exc:  # a user name make_verifier refuses
+        _fail(str(exc))
+    except UbiError as exc:
+        _fail(str(exc))
+    if not made:
+        _fail(f"site {cfg.name} is initialised already ({perm_path(cfg)}); change it with 'ubi security'")
+    click.echo(_policy_summary(cfg))
+    if generated:
+        show_generated(admin, password())
+
+
+def _policy_summary(cfg: SiteConfig) -> str:
+    """What ``site init`` made, read back from the dataset."""
+    from ubicore.runtime import offline_policy, perm_path
+
+    with offline_policy(cfg) as (_, tx):
+        site_row = next(iter(tx.site))
+        member_of: dict[str, list[str]] = {}
+        for m in tx.members:
+            member_of.setdefault(m.user, []).append(m.group if m.cell == "Site" else f"{m.group}@{m.cell}")
+        user_rows = [(u.name, u.kind + (f" (uid {u.uid})" if u.uid is not None else ""),
+                      ", ".join(sorted(member_of.get(u.name, []))), u.description) for u in sorted(tx.users)]
+        group_rows = [(g.name, g.description) for g in sorted(tx.groups)]
+        rule_rows = [(r.group, r.module, r.schema, r.right) for r in sorted(tx.rules)]
+    return "\n".join([
+        f"initialised site {cfg.name}: {perm_path(cfg)}",
+        f"new passwords: argon2id t={site_row.kdf_t} p={site_row.kdf_p} m={site_row.kdf_m_kib} KiB",
+        "", fmt.table(["user", "kind", "groups", "description"], user_rows),
+        "", fmt.table(["group", "description"], group_rows),
+        "", fmt.table(["group", "module", "schema", "right"], rule_rows),
+    ])
+
+
 @cli.command()
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
 @click.pass_context
@@ -252,14 +337,16 @@ def services(ctx: click.Context, as_json: bool) -> None:
 @click.argument("arguments", nargs=-1)
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the reply.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@login_options
 @click.pass_context
 def call(ctx: click.Context, cell: str, schema: str, operation: str, arguments: tuple[str, ...],
-         timeout: float, as_json: bool) -> None:
+         timeout: float, as_json: bool, no_prompt: bool, credentials_file: str | None) -> None:
     """Call OPERATION of SCHEMA at CELL with key=value ARGUMENTS."""
-    cfg = _site(ctx)
+    _site(ctx)  # a bad site file fails here, before the loop starts
+    provider = credential_provider(no_prompt, credentials_file)
 
     async def body() -> Any:
-        async with _client(ctx, timeout_s=timeout) as client:
+        async with _client(ctx, timeout_s=timeout, credential_provider=provider) as client:
             ops = (await client.describe(cell, schema))["schema"]["operations"]
             if operation not in ops and operation not in BUILTIN_OPERATIONS:
                 from ubicore.errors import NotFound
@@ -287,13 +374,16 @@ def _print_tables(cache: Any, as_json: bool) -> None:
 @click.argument("cell")
 @click.argument("schema")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@login_options
 @click.pass_context
-def dump(ctx: click.Context, cell: str, schema: str, as_json: bool) -> None:
+def dump(ctx: click.Context, cell: str, schema: str, as_json: bool, no_prompt: bool,
+         credentials_file: str | None) -> None:
     """Print the relations of SCHEMA at CELL."""
-    cfg = _site(ctx)
+    _site(ctx)  # a bad site file fails here, before the loop starts
+    provider = credential_provider(no_prompt, credentials_file)
 
     async def body() -> None:
-        async with _client(ctx) as client:
+        async with _client(ctx, credential_provider=provider) as client:
             _print_tables(await client.cache(cell, schema), as_json)
 
     _run(body)
@@ -304,10 +394,13 @@ def dump(ctx: click.Context, cell: str, schema: str, as_json: bool) -> None:
 @click.argument("schema")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
+@login_options
 @click.pass_context
-def watch(ctx: click.Context, cell: str, schema: str, as_json: bool, duration: float | None) -> None:
+def watch(ctx: click.Context, cell: str, schema: str, as_json: bool, duration: float | None, no_prompt: bool,
+          credentials_file: str | None) -> None:
     """Print the relations of SCHEMA at CELL, then every change as it happens."""
-    cfg = _site(ctx)
+    _site(ctx)  # a bad site file fails here, before the loop starts
+    provider = credential_provider(no_prompt, credentials_file)
 
     cache: Any = None
 
@@ -320,7 +413,7 @@ def watch(ctx: click.Context, cell: str, schema: str, as_json: bool, duration: f
 
     async def body(stop: asyncio.Event) -> None:
         nonlocal cache
-        async with _client(ctx) as client:
+        async with _client(ctx, credential_provider=provider) as client:
             cache = await client.cache(cell, schema)
             _print_tables(cache, as_json)
             cache.on_change(show)
