@@ -33,7 +33,7 @@ from .errors import (
 from .protocol.channel import Batch, ChannelFollower, FollowState, ResyncReason
 from .protocol.messages import ChannelMessage, Op, Rekey, SealedEvent, Welcome
 from .security.amp import CredentialsOutOfDate
-from .security.session import ClientSession
+from .security.session import ClientSession, ReplayWindow
 from .transport.channel import Subscription
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,8 @@ class _Joined:
         self._again = False
         self._layout_stale = False
         self.infos: dict[str, RelationInfo] = {}
+        self._windows: dict[tuple[bytes, int], ReplayWindow] = {}  # this join's replay windows: a
+        # client's joins of one instance share its session's keys, not what each has seen
         self.callback_errors = 0
         self._on_close: Callable[[], None] | None = None
 
@@ -213,7 +215,7 @@ class _Joined:
                 if loop.time() >= self._renew_after:  # not one login per event after a failure
                     self._renewal = loop.create_task(self._renew())
             try:
-                msg = session.group.open(msg)
+                msg = session.group.open(msg, self._windows)
             except DecryptionFailed:
                 self.rejected += 1
                 return

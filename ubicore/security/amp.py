@@ -376,6 +376,7 @@ class ServerHandshake:
         self._keys: ExchangeKeys | None = None
         self.user = ""
         self.known_user = False
+        self.record_verifier = b""
         self._state = "new"
 
     def __repr__(self) -> str:
@@ -395,6 +396,7 @@ class ServerHandshake:
             fake = fake_record(self._server_secret, hello.user, self._fake_params)  # made for known users
             record = self._lookup(hello.user)  # too, so that pass 2 takes as long either way
             self.known_user = record is not None
+            self.record_verifier = b"" if record is None else record.verifier  # which password the login proves
             if record is None:
                 record = fake
             g1 = P.check_point(hello.g1)

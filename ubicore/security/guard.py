@@ -153,7 +153,10 @@ class SessionGuard:
         self.level_epoch = self.keys.epoch
         self._rotated_at = clock()
         self._context = delivery_context(schema, cell, instance_id)
-        self._local: dict[bytes, int] = {}  # session id → uid, for the sessions of OS users
+        # What each session was made with, so that a policy change can tell whether it
+        # still holds: the uid of an OS user's session, the verifier of a password login
+        # (a new password ends the sessions made with the old one).
+        self._made_with: dict[bytes, int | bytes] = {}
 
     @property
     def epoch(self) -> int:
@@ -211,6 +214,7 @@ class SessionGuard:
         pass4, k_sess = hs.grant(grant.encode(), self._context, self.epoch)
         self.sessions[sid] = server_session(self.schema, self.cell, self.instance_id, grant, k_sess,
                                             self._clock() + self.settings.session_ttl_s, peer=peer, may_read=may_read)
+        self._made_with[sid] = hs.record_verifier
         self.stats.logins += 1
         self.stats.sessions = len(self.sessions)
         return {"h_s": pass4.h_s, "nonce": pass4.nonce, "keys": pass4.wrapped, "version": pass4.version}
@@ -231,7 +235,7 @@ class SessionGuard:
                                   rng=self._rng)
         self.sessions[sid] = server_session(self.schema, self.cell, self.instance_id, grant, k_sess,
                                             self._clock() + self.settings.session_ttl_s, peer=peer, may_read=may_read)
-        self._local[sid] = uid
+        self._made_with[sid] = uid
         self.stats.logins += 1
         self.stats.sessions = len(self.sessions)
         return {"user": user, "pk": lg.pk, "nonce": lg.nonce, "keys": lg.wrapped, "version": lg.version,
@@ -369,9 +373,10 @@ class SessionGuard:
         return self.rotate(reason, entitled=lambda s: s.session_id not in session_ids)
 
     def reevaluate(self) -> list[list[bytes]]:
-        """After a policy change: end sessions of users who are gone or disabled, and
-        rotate away from sessions that lost the read right."""
-        self._local = {sid: uid for sid, uid in self._local.items() if sid in self.sessions}
+        """After a policy change: end sessions of users who are gone or disabled, or whose
+        password changed since they logged in, and rotate away from those and from sessions
+        that lost the read right."""
+        self._made_with = {sid: m for sid, m in self._made_with.items() if sid in self.sessions}
         gone = {sid for sid, s in self.sessions.items() if not self._still_known(sid, s.user)}
         for sid in gone:
             del self.sessions[sid]
@@ -382,10 +387,11 @@ class SessionGuard:
         return self.rotate("policy change", entitled=lambda s: s.session_id not in losing and s.session_id not in gone)
 
     def _still_known(self, sid: bytes, user: str) -> bool:
-        uid = self._local.get(sid)
-        if uid is not None:
-            return self.policy.os_user(uid) == user
-        return self.policy.verifier(user) is not None
+        made_with = self._made_with.get(sid)
+        if isinstance(made_with, int):
+            return self.policy.os_user(made_with) == user
+        record = self.policy.verifier(user)
+        return record is not None and (made_with is None or record.verifier == made_with)
 
     def set_level(self, level: Protection) -> bool:
         """Move to another level: a new epoch, new group keys, every session ends (clients

@@ -407,12 +407,23 @@ class GroupKeyRing:
         for old in sorted(self._keys)[:-GROUP_KEYS_KEPT]:
             del self._keys[old], self._windows[old]
 
-    def open(self, msg: SealedEvent) -> Delta | Heartbeat:
+    def open(self, msg: SealedEvent, windows: dict[tuple[bytes, int], ReplayWindow] | None = None) -> Delta | Heartbeat:
         """The delta or heartbeat inside; DecryptionFailed if we hold no key for its epoch
         (check :meth:`has` first to tell that case apart), or it is tampered, replayed or
-        from another channel."""
+        from another channel. ``windows``: the caller's own replay windows by (instance id,
+        epoch) (each subscriber of a shared ring keeps its own), else the ring's."""
         entry = self._keys.get(msg.epoch)
-        window = self._windows.get(msg.epoch)
+        if windows is None:
+            window = self._windows.get(msg.epoch)
+        elif entry is None:
+            window = None
+        else:
+            key = (self.instance_id, msg.epoch)
+            window = windows.get(key)
+            if window is None:
+                for old in [k for k in windows if k[0] != self.instance_id or k[1] not in self._keys]:
+                    del windows[old]
+                window = windows[key] = ReplayWindow()
         if entry is None or window is None or msg.instance_id != self.instance_id or window.seen(msg.counter):
             self.rejected += 1
             raise DecryptionFailed()
