@@ -408,3 +408,11 @@ def test_two_classes_cannot_claim_one_schema_name() -> None:
         class _Second(Schema, name="UTestDup::S"):
             __module__ = "another_package.schemas"
             r = Relation(Column("k", str), key=("k",))
+
+
+@pytest.mark.parametrize("name", ["default::Thing", "Thing::default"])
+def test_default_is_not_a_module_or_schema_name(name: str) -> None:
+    """``default`` is the wildcard of security rules: a schema so named could not be told apart."""
+    with pytest.raises(SchemaError, match="wildcard"):
+        class Wild(Schema, name=name):
+            rows = Relation(Column("k", str), key=("k",))

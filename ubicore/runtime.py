@@ -144,8 +144,10 @@ def init_site(
 @contextlib.contextmanager
 def offline_policy(site: SiteConfig) -> Iterator[tuple[Any, Transaction]]:
     """Edit ``UPerm::Config`` in the dataset while the core is *not* running: (the
-    schema object, a transaction) committed on leaving the block. The demo uses it
-    before it brings its site up; a running site is changed with ``ubi security``."""
+    schema object, a transaction) committed on leaving the block, rolled back if an
+    error leaves it. Let an operation's error leave the block: one caught inside may
+    have written part of its change before it was refused. The demo uses this before it
+    brings its site up; a running site is changed with ``ubi security``."""
     load_schemas(site)
     if not perm_path(site).exists():
         raise ConfigError(str(site.source), "dataset", f"the site is not initialised: run 'ubi site init {site.source}'")

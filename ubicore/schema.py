@@ -281,6 +281,8 @@ class Schema:
         super().__init_subclass__(**kw)
         if not isinstance(name, str) or not SCHEMA_NAME.match(name):
             raise SchemaError(f"{cls.__qualname__}: schema name {name!r} is not of the form Module::Schema")
+        if "default" in name.split("::"):
+            raise SchemaError(f"{name}: 'default' is the wildcard of security rules, not a module or schema name")
         try:
             level = Protection(protection)
         except ValueError:
