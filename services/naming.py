@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import time
 
-from ubicore.errors import BadArguments, NotFound
+from ubicore.errors import BadArguments, NotFound, PermissionDenied
 from ubicore.protocol.messages import INSTANCE_ID_BYTES
 from ubicore.schema import Column, Relation, Schema, read, update
 from ubicore.store import Transaction
 
 SCHEMA = "UNaming::Registry"
+CORE_MODULES = frozenset({"UNaming", "UPerm"})
+
+
+def _not_core(schema: str) -> None:
+    if schema.split("::")[0] in CORE_MODULES:
+        raise PermissionDenied(f"{schema} is a core service: only the core registers it", {"groups": []})
 
 
 class Registry(Schema, name=SCHEMA, protection="open"):
@@ -63,7 +69,9 @@ class Registry(Schema, name=SCHEMA, protection="open"):
         local: str = "",
     ) -> None:
         """Record (or replace) the registration of a running instance (``local``: its
-        ipc endpoint, where OS users of its host log in)."""
+        ipc endpoint, where OS users of its host log in). The core's own services
+        (UNaming, UPerm) are registered by the core alone."""
+        _not_core(schema)
         if len(instance_id) != INSTANCE_ID_BYTES:
             raise BadArguments(f"instance_id must be {INSTANCE_ID_BYTES} bytes", {"argument": "instance_id"})
         tx.instances.upsert(
@@ -74,6 +82,7 @@ class Registry(Schema, name=SCHEMA, protection="open"):
     @update
     def deregister(self, tx: Transaction, schema: str, cell: str, instance_id: bytes) -> bool:
         """Remove a registration, if it is still this instance's."""
+        _not_core(schema)
         row = tx.instances.get(schema, cell)
         if row is None or row.instance_id != instance_id:
             return False

@@ -132,6 +132,8 @@ class _Joined:
         self.undecryptable = 0
         self.rejected = 0
         self.error: Exception | None = None
+        self.refused: Exception | None = None
+        """Set while the instance refuses this join a re-dump (the right was taken away)."""
         self.closed = False
         self._sub: Subscription | None = None
         self._dump_task: asyncio.Task[None] | None = None
@@ -299,6 +301,7 @@ class _Joined:
                     self.ready.set()
                     return
                 log.warning("%s@%s: %s; retrying", self.schema, self.cell, exc)
+                self.refused = exc
                 await asyncio.sleep(RETRY_MAX_S)
                 continue
             except Exception as exc:  # unreachable, malformed, or rows that do not fit the layout
@@ -308,6 +311,7 @@ class _Joined:
                 await asyncio.sleep(delay)
                 delay = min(RETRY_MAX_S, delay * 2)
                 continue
+            self.refused = None
             notify()
             res = self.follower.dump_received(iid, seq)
             if res.batches:

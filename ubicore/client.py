@@ -18,6 +18,7 @@ endpoints). Calls have deadlines and never hang; errors are the typed tree of
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 from .cache import Binding, Cache, Follower, _Joined
 from .config.model import SiteConfig
 from .errors import AuthenticationFailed, AuthenticationRequired, CallTimeout, NotFound, PermissionDenied, Unavailable
+from .localipc import trusted_endpoint
 from .login import MAX_ATTEMPTS, CredentialProvider, CredentialRequest, ask, requirement
 from .protocol.channel import Batch
 from .security.amp import CredentialsOutOfDate
@@ -87,8 +89,10 @@ class Client:
         credentials: Credentials | None = None,
         site: str | None = None,
         credential_provider: CredentialProvider | None = None,
+        dataset: str | os.PathLike[str] | None = None,
     ) -> None:
         self.timeout_s = timeout_s
+        self._dataset = dataset  # where the site's ipc sockets are found (local credentials)
         self.credential_provider = credential_provider
         self.sessions = SessionManager(credentials, site=site)
         self._local = self.sessions.credentials.is_local
@@ -105,7 +109,8 @@ class Client:
         credential_provider: CredentialProvider | None = None,
     ) -> Client:
         return cls(site.core.rpc_endpoint, site.core.event_endpoint, timeout_s=timeout_s,
-                   credentials=credentials, site=site.name, credential_provider=credential_provider)
+                   credentials=credentials, site=site.name, credential_provider=credential_provider,
+                   dataset=site.dataset)
 
     @property
     def user(self) -> str:
@@ -233,11 +238,12 @@ class Client:
                            row.pid, row.started, getattr(row, "local", ""))
 
     def _rpc(self, row: Any) -> str:
-        """Where calls to a registered instance go: its ipc endpoint for local
-        credentials (an OS user logs in there), else its TCP endpoint."""
-        if self._local:
-            local: str = getattr(row, "local", "")
-            if local:
+        """Where calls to a registered instance go: for local credentials, its ipc endpoint
+        on this host, found from the site file and checked to be the site account's
+        (ubicore/localipc.py; never the registration's word); else its TCP endpoint."""
+        if self._local and self._dataset is not None and bool(getattr(row, "local", None)):
+            local = trusted_endpoint(self._dataset, row.schema, row.cell)
+            if local is not None:
                 return local
         rpc: str = row.rpc
         return rpc

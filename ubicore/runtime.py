@@ -10,23 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import importlib
 import logging
 import os
 import pwd
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import localipc
 from .cache import Cache
 from .client import NAMING_CELL, NAMING_SCHEMA, Client
 from .config.model import InstancePlan, SiteConfig
 from .dispatch import InstanceCore
 from .errors import AuthenticationFailed, ConfigError, RemoteError, SchemaError
 from .schema import Protection, Schema, registered_schemas
+from .security.model import PolicyModel
 from .security.policy import DEFAULT_USER, PolicySource, SecurityPolicy, StaticPolicy
 from .security.primitives import DEFAULT_KDF, KdfParams
 from .sessions import Credentials
@@ -43,8 +43,8 @@ BUILTIN_SERVICE_MODULES = (
 )
 REGISTRATION_CHECK_S = 2.0
 PERM_SCHEMA = "UPerm::Config"
-MAX_IPC_PATH = 100
-"""Unix socket paths are limited to 107 bytes; longer dataset paths move to /tmp."""
+POLICY_WATCH_S = 0.25
+POLICY_STALE_WARN_S = 30.0
 
 
 def load_schemas(site: SiteConfig) -> None:
@@ -72,35 +72,10 @@ def cell_parents(site: SiteConfig) -> dict[str, str | None]:
     return {name: cell.parent for name, cell in site.cells.items()}
 
 
-def run_dir(site: SiteConfig) -> Path:
-    """Where the site's ipc sockets live on this host: ``<dataset>/run``, mode 0700 (or a
-    private directory under the system's temporary directory when that path is too long
-    for a Unix socket)."""
-    path = Path(site.dataset).resolve() / "run"
-    if len(str(path)) + 22 > MAX_IPC_PATH:
-        digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
-        private = Path(tempfile.gettempdir()) / f"ubicore-{os.getuid()}"
-        _private_dir(private)
-        path = private / digest
-    _private_dir(path)
-    return path
-
-
-def _private_dir(path: Path) -> None:
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = path.stat()
-    except OSError as exc:
-        raise ConfigError(str(path), "", f"cannot make the ipc directory: {exc.strerror}") from None
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise ConfigError(str(path), "", "the ipc directory must be this user's and private; "
-                                         f"fix it with: chmod 700 {path}")
-
-
 def ipc_endpoint(site: SiteConfig, schema: str, cell: str) -> str:
-    """The ``ipc://`` endpoint of (schema, cell) on this host."""
-    name = hashlib.sha256(f"{schema}@{cell}".encode()).hexdigest()[:16]
-    return f"ipc://{run_dir(site)}/{name}.ipc"
+    """The ``ipc://`` endpoint (schema, cell) binds on this host (ubicore/localipc.py)."""
+    localipc.ensure_run_dir(site.dataset)
+    return localipc.endpoint(site.dataset, schema, cell)
 
 
 def perm_path(site: SiteConfig) -> Path:
@@ -325,6 +300,8 @@ class PolicyFollower:
         self._own_client = client is None
         self._cache: Cache | None = None
         self._scheduled = False
+        self._closed = False  # the policy was withdrawn: nobody is known until it is back
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self, *, retry_s: float = 1.0, warn_after_s: float = 10.0) -> None:
         """Join ``UPerm::Config``; retries until it answers (an instance serves nothing
@@ -346,6 +323,37 @@ class PolicyFollower:
                 await asyncio.sleep(retry_s)
         self._feed()
         self._cache.on_change(self._changed)
+        self._watch = asyncio.create_task(self._watchdog(), name="policy-watchdog")
+
+    async def _watchdog(self) -> None:
+        """Fail closed while the policy refuses us (this account lost read on it): an
+        instance must not go on deciding with a policy it can no longer follow. An
+        unreachable core is different: the last policy stays (and is logged)."""
+        loop = asyncio.get_running_loop()
+        down_since: float | None = None
+        while True:
+            await asyncio.sleep(POLICY_WATCH_S)
+            cache = self._cache
+            if cache is None:
+                continue
+            if cache.refused is not None and not self._closed:
+                self._closed = True
+                log.error("the site's security policy refuses this instance (%s): refusing every "
+                          "protected action until it is readable again", cache.refused)
+                model = self.source.model
+                self.source.update(PolicyModel(levels=model.levels, parents=model.parents))
+            elif cache.refused is None and self._closed and cache.live:
+                self._closed = False
+                log.warning("the site's security policy is readable again")
+                self._feed()
+            if cache.live:
+                down_since = None
+            elif down_since is None:
+                down_since = loop.time()
+            elif loop.time() - down_since > POLICY_STALE_WARN_S:
+                log.warning("the site's security policy has not been followed for %.0f s; deciding with "
+                            "the last one received", loop.time() - down_since)
+                down_since = loop.time()
 
     def _changed(self, relation: str, old: Any, new: Any) -> None:
         if not self._scheduled:
@@ -355,10 +363,14 @@ class PolicyFollower:
     def _feed(self) -> None:
         self._scheduled = False
         cache = self._cache
-        if cache is not None:
+        if cache is not None and not self._closed:
             feed_policy(self.source, lambda rel: cache.table(rel).values(), cell_parents(self.site))
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         if self._cache is not None:
             await self._cache.close()
         if self._own_client:
