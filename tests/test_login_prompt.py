@@ -169,3 +169,35 @@ def test_the_terminal_prompt_declines_without_a_terminal_or_a_name(monkeypatch: 
     assert out.getvalue() == ""
     monkeypatch.setattr("sys.stdin", _Tty("\n"))  # no name entered, none remembered
     assert prompt_once(TerminalPrompt(stream=out), request()) is None
+
+
+def test_a_credentials_file_reached_through_a_symlink_is_refused(tmp_path: Path) -> None:
+    """Review: the file was stat-ed and then read, following symlinks; now it is opened
+    once, without following one, and what is checked is what is read."""
+    real = creds_file(tmp_path, "user: alice\npassword: pw-1\n")
+    link = tmp_path / "link.yaml"
+    link.symlink_to(real)
+    with pytest.raises(ConfigError) as info:
+        CredentialsFile(link).load()
+    assert "symlink" in str(info.value) and "pw-1" not in str(info.value)
+    assert CredentialsFile(real).load().user == "alice"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to give the file to another account")
+def test_a_credentials_file_of_another_account_is_refused(tmp_path: Path) -> None:
+    path = creds_file(tmp_path, "user: alice\npassword: pw-1\n")
+    os.chown(path, 65534, -1)
+    with pytest.raises(ConfigError, match="another account"):
+        CredentialsFile(path).load()
+
+
+def test_children_do_not_inherit_passwords_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: ``ubi site up`` with $UBI_PASSWORD set handed it to every child process."""
+    from ubicore.supervisor import child_environment
+
+    monkeypatch.setenv("UBI_PASSWORD", "secret-1")
+    monkeypatch.setenv("UBI_NEW_PASSWORD", "secret-2")
+    monkeypatch.setenv("UBI_SITE", "cells/demo.yaml")
+    env = child_environment()
+    assert "UBI_PASSWORD" not in env and "UBI_NEW_PASSWORD" not in env
+    assert env["UBI_SITE"] == "cells/demo.yaml"

@@ -150,6 +150,9 @@ class Client:
                 err, failed = exc, True
             except PermissionDenied as exc:  # logged in, still not allowed: keep them, ask again
                 err, failed = exc, False
+            except BaseException:  # a timeout, say: the new credentials were never checked
+                self.use_credentials(previous)
+                raise
         raise err
 
     async def __aenter__(self) -> Client:

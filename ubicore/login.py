@@ -15,6 +15,7 @@ owner), or any callable ``provider(request) -> Credentials | None`` (may be asyn
 
 from __future__ import annotations
 
+import errno
 import getpass
 import inspect
 import os
@@ -40,6 +41,7 @@ __all__ = [
     "requirement",
 ]
 
+MAX_FILE_BYTES = 64 * 1024
 MAX_ATTEMPTS = 3
 """How many times one denied call asks its provider (a mistyped password is asked again)."""
 
@@ -136,13 +138,26 @@ class CredentialsFile:
 
     def load(self) -> Credentials:
         file = str(self.path)
-        try:
-            st = self.path.stat()
-            text = self.path.read_text(encoding="utf-8")
+        try:  # one open, no symlink followed: what is checked is what is read
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ConfigError(file, "", "the credentials file is a symlink; name the file itself") from None
             raise ConfigError(file, "", f"cannot read the credentials: {exc.strerror}") from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(file, "", f"others can read these credentials; fix it with: chmod 600 {file}")
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(file, "", "the credentials file is not a regular file")
+            if st.st_uid != os.getuid():
+                raise ConfigError(file, "", "the credentials file belongs to another account")
+            if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise ConfigError(file, "", f"others can read these credentials; fix it with: chmod 600 {file}")
+            try:
+                text = f.read(MAX_FILE_BYTES + 1).decode("utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError(file, "", "not UTF-8 text") from None
+        if len(text) > MAX_FILE_BYTES:
+            raise ConfigError(file, "", "too large for a credentials file")
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError:

@@ -50,6 +50,14 @@ class Child:
 StateCallback = Callable[[Child], Awaitable[None] | None]
 
 
+SECRET_VARIABLES = ("UBI_PASSWORD", "UBI_NEW_PASSWORD")
+"""Passwords a command may take from its environment; its children never inherit them."""
+
+
+def child_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
+
+
 class Supervisor:
     """Runs children until :meth:`stop`; see the module docstring."""
 
@@ -80,7 +88,7 @@ class Supervisor:
         # then stops its children in order (children watch their parent's pid in case it
         # dies without doing so).
         child.proc = await asyncio.create_subprocess_exec(
-            *child.argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+            *child.argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True, env=child_environment()
         )
         child.started_at = time.monotonic()
         await self._set(child, "starting")
