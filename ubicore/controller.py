@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from .client import NAMING_CELL, NAMING_SCHEMA, Client
 from .config.model import SiteConfig
 from .errors import ConfigError, RemoteError
-from .runtime import resolve_schema, serve_core, serve_instance
+from .runtime import check_initialised, resolve_schema, serve_core, serve_instance
 from .supervisor import Child, Supervisor, watch_parent
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,20 @@ async def run_instance(
     plan = site.instance(schema, cell)
     if plan is None:
         raise ConfigError(str(site.source), "deployments", f"no deployment runs {schema} at {cell}")
-    async with _watching_parent(stop, parent_pid), serve_instance(site, plan):
+    async with _watching_parent(stop, parent_pid), contextlib.AsyncExitStack() as stack:
+        # An instance waits for the site's policy before it serves; a stop meanwhile ends the wait.
+        entering = asyncio.ensure_future(stack.enter_async_context(serve_instance(site, plan)))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([entering, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not entering.done():
+                entering.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await entering
+        if entering.cancelled():
+            return
         await stop.wait()
 
 
@@ -177,6 +190,7 @@ async def run_site(
     up_timeout_s: float = 30.0,
 ) -> None:
     """``ubi site up``: the core and a controller per host, until ``stop`` is set."""
+    check_initialised(site)
     for plan in site.instances:
         resolve_schema(site, plan.schema)
     # Two supervisors, so that controllers stop (and their instances deregister) while

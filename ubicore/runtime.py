@@ -82,6 +82,13 @@ def perm_path(site: SiteConfig) -> Path:
     return udata_path(site.dataset, NAMING_CELL, PERM_SCHEMA)
 
 
+def check_initialised(site: SiteConfig) -> None:
+    """ConfigError (with the command that fixes it) unless ``ubi site init`` made the site."""
+    if not perm_path(site).exists():
+        raise ConfigError(str(site.source), "dataset",
+                          f"the site is not initialised (no {perm_path(site)}): run 'ubi site init {site.source}'")
+
+
 def init_site(
     site: SiteConfig,
     admin_password: str,
@@ -124,8 +131,7 @@ def offline_policy(site: SiteConfig) -> Iterator[tuple[Any, Transaction]]:
     have written part of its change before it was refused. The demo uses this before it
     brings its site up; a running site is changed with ``ubi security``."""
     load_schemas(site)
-    if not perm_path(site).exists():
-        raise ConfigError(str(site.source), "dataset", f"the site is not initialised: run 'ubi site init {site.source}'")
+    check_initialised(site)
     schema = registered_schemas()[PERM_SCHEMA]
     store = Store(schema, perm_path(site))
     try:
@@ -173,9 +179,7 @@ async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT
     """Run the core schema services while the block runs: the naming registry on the
     site's core endpoints, ``UPerm::Config`` on free ports of the core's address.
     ConfigError if the site was never initialised (``ubi site init``)."""
-    if not perm_path(site).exists():
-        raise ConfigError(str(site.source), "dataset",
-                          f"the site is not initialised (no {perm_path(site)}): run 'ubi site init {site.source}'")
+    check_initialised(site)
     if perm_path(site).stat().st_mode & 0o077:
         raise ConfigError(str(perm_path(site)), "", "the security policy is open to other accounts (it holds "
                                                     f"verifier records); fix it with: chmod 600 {perm_path(site)}")
