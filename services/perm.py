@@ -401,7 +401,8 @@ def write_factory_policy(
     os_user: tuple[str, int] | None = None,
 ) -> None:
     """A new site's policy: the administrator (the sole member of ``admin``) updates,
-    everyone reads, nobody but administrators and site services reads the policy itself."""
+    everyone reads, nobody but administrators and site services reads the policy itself
+    (a (default, default) rule never reaches UPerm: ubicore/security/model.py)."""
     tx.site.insert(name=site, kdf_t=kdf.t, kdf_p=kdf.p, kdf_m_kib=kdf.m_kib, fake_key=os.urandom(FAKE_KEY_BYTES))
     for name, description in ((ADMIN_GROUP, "an administrator"), (EVERYONE_GROUP, "any user"),
                               (SERVICES_GROUP, "a site service")):
@@ -418,8 +419,8 @@ def write_factory_policy(
         tx.members.insert(user=name, group=SERVICES_GROUP, cell=SITE_CELL)
     for group, module, schema, right in (
         (ADMIN_GROUP, DEFAULT, DEFAULT, Right.UPDATE),
+        (ADMIN_GROUP, MODULE, DEFAULT, Right.UPDATE),  # (default, default) never reaches UPerm
         (EVERYONE_GROUP, DEFAULT, DEFAULT, Right.READ),
-        (EVERYONE_GROUP, MODULE, NAME, Right.NONE),  # verifier records are for administrators and services
-        (SERVICES_GROUP, MODULE, NAME, Right.READ),
+        (SERVICES_GROUP, MODULE, NAME, Right.READ),  # instances follow the policy
     ):
         tx.rules.insert(group=group, module=module, schema=schema, right=right.label)

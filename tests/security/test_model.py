@@ -3,12 +3,13 @@
 The brute force below is written from DESIGN.md §6, not from model.py: effective groups
 are the fixpoint of "add every group a group already in the set implies", starting
 from the memberships at the cell or any ancestor; a group's right is its most specific
-rule; a user's right the highest of its groups'. Hypothesis draws random sites (a cell
-tree of depth ≤ 4, groups with random implications, cycles included, memberships,
-rules over a few modules and schemas with ``default`` wildcards and ignored
-(``default``, S) rules) and every (user, schema, cell) must agree. ``explain`` must name
-a derivation that actually holds, and ``granting_groups`` exactly the groups whose
-closure holds a group with the right.
+rule, except that a (``default``, ``default``) rule never reaches the security model's
+own module ``UPerm``; a user's right the highest of its groups'. Hypothesis draws random
+sites (a cell tree of depth ≤ 4, groups with random implications, cycles included,
+memberships, rules over a few modules, ``UPerm`` among them, and schemas with
+``default`` wildcards and ignored (``default``, S) rules) and every (user, schema, cell)
+must agree. ``explain`` must name a derivation that actually holds, and
+``granting_groups`` exactly the groups whose closure holds a group with the right.
 """
 
 from __future__ import annotations
@@ -20,15 +21,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ubicore.security.amp import VerifierRecord
-from ubicore.security.model import Group, Membership, PolicyModel, Rule, User, UserKind
+from ubicore.security.model import (
+    SECURITY_MODULES,
+    Group,
+    Membership,
+    PolicyModel,
+    Rule,
+    User,
+    UserKind,
+)
 from ubicore.security.policy import Right
 from ubicore.security.primitives import KdfParams
 
 SITE = "Site"
 WILD = "default"
-MODULES = ("A", "B")
+SECURITY = "UPerm"  # the security model's own module: no (default, default) rule reaches it
+MODULES = ("A", "B", SECURITY)
 NAMES = ("X", "Y")
-SCHEMAS = ("A::X", "A::Y", "B::X", "B::Y", "C::X")  # C has no rule of its own: wildcards only
+SCHEMAS = ("A::X", "A::Y", "B::X", "B::Y", "C::X",  # C has no rule of its own: wildcards only
+           "UPerm::X", "UPerm::Config", "UPermX::X")  # Config: (UPerm, default) only; UPermX is no UPerm
 UNKNOWN_CELL = "Nowhere"
 GHOST = "ghost"  # has memberships, is no user
 MAX_DEPTH = 4
@@ -86,7 +97,10 @@ class World:
 
     def group_rule(self, group: str, schema: str) -> tuple[tuple[str, str, str], Right] | None:
         module, name = schema.split("::")
-        for key in ((group, module, name), (group, module, WILD), (group, WILD, WILD)):
+        keys = [(group, module, name), (group, module, WILD)]
+        if module != SECURITY:  # UPerm is reached only by rules naming it
+            keys.append((group, WILD, WILD))
+        for key in keys:
             if key in self.rules:
                 return key, self.rules[key]
         return None
@@ -121,7 +135,7 @@ def worlds(draw: st.DrawFn) -> World:
     members = draw(st.frozensets(
         st.tuples(st.sampled_from([*users, GHOST]), group, st.sampled_from(cells)), max_size=12))
     rule_key = st.tuples(group, st.sampled_from((*MODULES, WILD)), st.sampled_from((*NAMES, WILD)))
-    rules = draw(st.dictionaries(rule_key, st.sampled_from(list(Right)), max_size=14))
+    rules = draw(st.dictionaries(rule_key, st.sampled_from(list(Right)), max_size=18))
     return World(parents, users, groups, implies, members, rules)
 
 
@@ -273,24 +287,84 @@ def test_an_unknown_cell_sits_under_site() -> None:
 
 def test_a_none_rule_shadows_a_wildcard_for_its_group_only() -> None:
     m = PolicyModel(
-        users=[User(u, record=record(u)) for u in ("anyone", "service", "admin")],
-        groups=[Group("everyone"), Group("services"), Group("admin", "an administrator")],
-        members=[Membership("anyone", "everyone", SITE), Membership("service", "everyone", SITE),
-                 Membership("service", "services", SITE), Membership("admin", "everyone", SITE),
-                 Membership("admin", "admin", SITE)],
-        rules=[Rule("everyone", WILD, WILD, Right.READ), Rule("everyone", "UPerm", "Config", Right.NONE),
-               Rule("services", "UPerm", "Config", Right.READ), Rule("admin", WILD, WILD, Right.UPDATE)],
+        users=[User(u, record=record(u)) for u in ("guest", "staff", "both")],
+        groups=[Group("guests"), Group("staff", "a staff member"), Group("auditors", "an auditor")],
+        members=[Membership("guest", "guests", SITE), Membership("staff", "staff", SITE),
+                 Membership("both", "guests", SITE), Membership("both", "auditors", SITE)],
+        rules=[Rule("guests", "M", WILD, Right.READ), Rule("guests", "M", "S", Right.NONE),
+               Rule("staff", WILD, WILD, Right.UPDATE), Rule("staff", "M", WILD, Right.NONE),
+               Rule("auditors", WILD, WILD, Right.READ)],
     )
-    assert m.right("anyone", "UPerm::Config", SITE) is Right.NONE
-    ex = m.explain("anyone", "UPerm::Config", SITE)
-    assert ex.rule == Rule("everyone", "UPerm", "Config", Right.NONE) and not ex.allowed
-    assert "(everyone, UPerm, Config, none)" in ex.reason
-    assert m.right("anyone", "UPerm::Other", SITE) is Right.READ  # only the exact schema
-    assert m.right("anyone", "Other::Config", SITE) is Right.READ
-    assert m.right("service", "UPerm::Config", SITE) is Right.READ  # another group still gives it
-    assert m.right("admin", "UPerm::Config", SITE) is Right.UPDATE
-    assert [g.name for g in m.granting_groups("UPerm::Config", Right.READ)] == ["admin", "services"]
-    assert [g.label for g in m.granting_groups("UPerm::Config", Right.UPDATE)] == ["an administrator"]
+    assert m.right("guest", "M::S", SITE) is Right.NONE  # the exact rule decides for guests
+    ex = m.explain("guest", "M::S", SITE)
+    assert ex.rule == Rule("guests", "M", "S", Right.NONE) and ex.group == "guests" and not ex.allowed
+    assert "(guests, M, S, none)" in ex.reason
+    assert m.right("guest", "M::T", SITE) is Right.READ  # only the exact schema
+    assert m.explain("guest", "M::T", SITE).rule == Rule("guests", "M", WILD, Right.READ)
+    assert m.right("guest", "N::S", SITE) is Right.NONE  # guests have no rule for N
+    # (M, default, none) beats (default, default, update) for staff, on M only
+    assert m.right("staff", "M::S", SITE) is Right.NONE and m.right("staff", "M::T", SITE) is Right.NONE
+    assert m.explain("staff", "M::T", SITE).rule == Rule("staff", "M", WILD, Right.NONE)
+    assert m.right("staff", "N::S", SITE) is Right.UPDATE
+    # never takes away what another group gives
+    assert m.right("both", "M::S", SITE) is Right.READ
+    ex = m.explain("both", "M::S", SITE)
+    assert ex.group == "auditors" and ex.rule == Rule("auditors", WILD, WILD, Right.READ)
+    assert [g.name for g in m.granting_groups("M::S", Right.READ)] == ["auditors"]
+    assert [g.name for g in m.granting_groups("M::T", Right.READ)] == ["auditors", "guests"]
+    assert [g.label for g in m.granting_groups("N::S", Right.UPDATE)] == ["a staff member"]
+    assert m.granting_groups("M::T", Right.UPDATE) == []
+
+
+def test_a_default_default_rule_never_reaches_the_security_model() -> None:
+    m = PolicyModel(
+        users=[User(u, record=record(u)) for u in ("reader", "writer")],
+        groups=[Group("readers"), Group("writers")],
+        members=[Membership("reader", "readers", SITE), Membership("writer", "writers", SITE)],
+        rules=[Rule("readers", WILD, WILD, Right.READ), Rule("writers", WILD, WILD, Right.UPDATE),
+               Rule("writers", WILD, "Config", Right.UPDATE)],  # ignored: reaches nothing either
+    )
+    assert SECURITY_MODULES == {"UPerm"}
+    for schema in ("UPerm::Config", "UPerm::Anything"):
+        for user, group in (("reader", "readers"), ("writer", "writers")):
+            assert m.right(user, schema, SITE) is Right.NONE
+            assert m.group_rule(group, schema) is None and m.group_right(group, schema) is Right.NONE
+            ex = m.explain(user, schema, SITE)
+            assert ex.rule is None and not ex.allowed and ex.group == group
+            assert ex.reason == f"no rule of {group} covers {schema}"
+        assert m.granting_groups(schema, Right.READ) == []
+    # every other module, even one whose name starts with UPerm, is reached as before
+    for schema in ("Other::Config", "UPermX::Config", "uperm::Config"):
+        assert m.right("reader", schema, SITE) is Right.READ
+        assert m.right("writer", schema, SITE) is Right.UPDATE
+        assert m.explain("writer", schema, SITE).rule == Rule("writers", WILD, WILD, Right.UPDATE)
+
+
+def test_rules_naming_uperm_reach_it() -> None:
+    m = PolicyModel(
+        users=[User(u, record=record(u)) for u in ("admin", "reader", "svc")],
+        groups=[Group("admin", "an administrator"), Group("policy-readers"), Group("services", "a site service")],
+        members=[Membership("admin", "admin", SITE), Membership("reader", "policy-readers", SITE),
+                 Membership("svc", "services", SITE)],
+        rules=[Rule("policy-readers", "UPerm", WILD, Right.READ),
+               Rule("policy-readers", WILD, WILD, Right.UPDATE),  # does not lift UPerm above read
+               Rule("admin", WILD, WILD, Right.UPDATE), Rule("admin", "UPerm", WILD, Right.UPDATE),
+               Rule("services", "UPerm", "Config", Right.READ)],
+    )
+    for schema in ("UPerm::Config", "UPerm::Anything"):
+        assert m.right("reader", schema, SITE) is Right.READ
+        ex = m.explain("reader", schema, SITE, Right.READ)
+        assert ex.allowed and ex.rule == Rule("policy-readers", "UPerm", WILD, Right.READ)
+        assert "(policy-readers, UPerm, default, read)" in ex.reason
+        assert m.right("admin", schema, SITE) is Right.UPDATE
+        assert m.explain("admin", schema, SITE, Right.UPDATE).rule == Rule("admin", "UPerm", WILD, Right.UPDATE)
+    assert m.right("reader", "Other::Config", SITE) is Right.UPDATE
+    assert m.right("svc", "UPerm::Config", SITE) is Right.READ  # the exact rule
+    assert m.right("svc", "UPerm::Anything", SITE) is Right.NONE
+    assert [g.label for g in m.granting_groups("UPerm::Config", Right.READ)] == \
+        ["an administrator", "policy-readers", "a site service"]
+    assert [g.name for g in m.granting_groups("UPerm::Anything", Right.READ)] == ["admin", "policy-readers"]
+    assert [g.name for g in m.granting_groups("UPerm::Config", Right.UPDATE)] == ["admin"]
 
 
 def test_a_malformed_schema_name_is_refused() -> None:

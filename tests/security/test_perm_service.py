@@ -38,8 +38,8 @@ ALICE_PW = "alice-Pa55word-do-not-store"
 OS_USER = ("svc", 4242)
 FACTORY_RULES = {
     ("admin", "default", "default", "update"),
+    ("admin", "UPerm", "default", "update"),
     ("everyone", "default", "default", "read"),
-    ("everyone", "UPerm", "Config", "none"),
     ("services", "UPerm", "Config", "read"),
 }
 
@@ -144,10 +144,14 @@ def test_the_factory_policy_is_exactly_the_seed(perm: Perm, records: dict[str, V
     for cell in CELLS:
         assert m.right("administrator", CONFIG_UPDATE, cell) is Right.UPDATE
         assert m.right("administrator", PERM, cell) is Right.UPDATE
+        assert m.right("administrator", "UPerm::Other", cell) is Right.UPDATE
         assert m.right("default", CONFIG_UPDATE, cell) is Right.READ
-        assert m.right("default", PERM, cell) is Right.NONE
+        assert m.right("default", PERM, cell) is Right.NONE  # (everyone, default, default) never reaches UPerm
+        assert m.right("default", "UPerm::Other", cell) is Right.NONE
         assert m.right("svc", PERM, cell) is Right.READ
+        assert m.right("svc", "UPerm::Other", cell) is Right.NONE
         assert m.right("svc", CONFIG_UPDATE, cell) is Right.NONE
+    assert m.explain("administrator", PERM, "Site", Right.UPDATE).rule == m.rules[("admin", "UPerm", "default")]
     assert [g.label for g in m.granting_groups(PERM, Right.READ)] == ["an administrator", "a site service"]
     assert [g.label for g in m.granting_groups(PERM, Right.UPDATE)] == ["an administrator"]
     assert [g.label for g in m.granting_groups(CONFIG_UPDATE, Right.UPDATE)] == ["an administrator"]
@@ -156,9 +160,13 @@ def test_the_factory_policy_is_exactly_the_seed(perm: Perm, records: dict[str, V
 def test_explain_says_why(perm: Perm) -> None:
     no = perm.run("explain", user="default", schema=PERM)
     assert no["allowed"] is False and no["right"] == "none" and no["need"] == "read"
-    assert no["rule"] == {"group": "everyone", "module": "UPerm", "schema": "Config", "right": "none"}
+    assert no["rule"] is None and no["group"] == "everyone" and no["path"] == ["everyone"]
     assert no["membership"] == {"user": "default", "group": "everyone", "cell": "Site"}
-    assert "(everyone, UPerm, Config, none)" in no["reason"]
+    assert no["reason"] == f"no rule of everyone covers {PERM}"  # (everyone, default, default) does not reach it
+    admin = perm.run("explain", user="administrator", schema=PERM, right="update")
+    assert admin["allowed"] is True and admin["group"] == "admin"
+    assert admin["rule"] == {"group": "admin", "module": "UPerm", "schema": "default", "right": "update"}
+    assert "(admin, UPerm, default, update)" in admin["reason"]
     yes = perm.run("explain", user="administrator", schema=CONFIG_UPDATE, cell="Zone-A", right="update")
     assert yes["allowed"] is True and yes["group"] == "admin" and yes["path"] == ["admin"]
     assert yes["rule"] == {"group": "admin", "module": "default", "schema": "default", "right": "update"}
@@ -273,10 +281,11 @@ LAST_ADMIN_CHANGES: list[tuple[str, dict[str, Any]]] = [
     ("remove_user", {"name": "administrator"}),
     ("set_enabled", {"name": "administrator", "enabled": False}),
     ("remove_member", {"user": "administrator", "group": "admin"}),
-    ("remove_rule", {"group": "admin", "module": "default", "schema": "default"}),
-    ("set_rule", {"group": "admin", "module": "default", "schema": "default", "right": "read"}),
-    ("set_rule", {"group": "admin", "module": "UPerm", "schema": "Config", "right": "read"}),  # exact shadows
+    ("remove_rule", {"group": "admin", "module": "UPerm", "schema": "default"}),
+    ("set_rule", {"group": "admin", "module": "UPerm", "schema": "default", "right": "read"}),
     ("set_rule", {"group": "admin", "module": "UPerm", "schema": "default", "right": "none"}),
+    ("set_rule", {"group": "admin", "module": "UPerm", "schema": "Config", "right": "read"}),  # exact shadows
+    ("set_rule", {"group": "admin", "module": "UPerm", "schema": "Config", "right": "none"}),
     ("remove_group", {"name": "admin"}),
 ]
 
@@ -286,6 +295,22 @@ def test_the_last_administrator_cannot_be_taken_away(perm: Perm, op: str, args: 
     err = perm.refused(BadArguments, op, **args)
     assert "nobody could change the security model" in str(err)
     assert perm.model.right("administrator", PERM, "Site") is Right.UPDATE
+
+
+def test_admins_default_default_rule_is_not_the_path_to_the_policy(perm: Perm) -> None:
+    """(default, default) never reaches UPerm: taking admin's wide rule away (or making it
+    none) leaves the administrator's update on the policy, so it is allowed."""
+    perm.run("set_rule", group="admin", module="default", schema="default", right="none")
+    assert perm.model.right("administrator", CONFIG_UPDATE, "Site") is Right.READ  # everyone's
+    perm.run("remove_rule", group="admin", module="default", schema="default")
+    assert ("admin", "default", "default", "update") not in perm.rows("rules")
+    assert perm.model.right("administrator", PERM, "Site") is Right.UPDATE
+    # now (admin, UPerm, default) is the only path, and (everyone, default, default, update) is no other one
+    perm.run("set_rule", group="everyone", module="default", schema="default", right="update")
+    assert perm.model.right("default", CONFIG_UPDATE, "Site") is Right.UPDATE
+    assert perm.model.right("default", PERM, "Site") is Right.NONE
+    for op, args in LAST_ADMIN_CHANGES:
+        perm.refused(BadArguments, op, **args)
 
 
 def test_who_does_not_count_as_another_administrator(perm: Perm) -> None:
@@ -312,7 +337,7 @@ def test_unimply_that_removes_the_last_path_is_refused(perm: Perm) -> None:
     # Once another administrator exists, the same changes go through.
     perm.run("add_user", name="bob", groups=["admin"], **pw_args("bob"))
     perm.run("unimply", group="ops", implied="admin")
-    assert perm.model.right("administrator", PERM, "Site") is Right.NONE  # ops has no rule, everyone's is none
+    assert perm.model.right("administrator", PERM, "Site") is Right.NONE  # ops has no rule; everyone's misses UPerm
     perm.run("remove_group", name="ops")
     assert perm.model.right("bob", PERM, "Site") is Right.UPDATE
 
@@ -325,11 +350,14 @@ def test_with_another_administrator_the_changes_are_allowed(perm: Perm) -> None:
     perm.run("remove_user", name="administrator")
     assert "administrator" not in perm.model.users
     perm.refused(BadArguments, "remove_user", name="bob")  # now bob is the last one
+    perm.refused(BadArguments, "remove_rule", group="admin", module="UPerm", schema="default")
     # Another group with the update right on the policy lets admin's rule and admin go.
     perm.run("add_group", name="root")
-    perm.run("set_rule", group="root", module="UPerm", schema="Config", right="update")
+    perm.run("set_rule", group="root", module="default", schema="default", right="update")  # misses UPerm
     perm.run("add_member", user="bob", group="root")
-    perm.run("remove_rule", group="admin", module="default", schema="default")
+    perm.refused(BadArguments, "remove_rule", group="admin", module="UPerm", schema="default")
+    perm.run("set_rule", group="root", module="UPerm", schema="Config", right="update")
+    perm.run("remove_rule", group="admin", module="UPerm", schema="default")
     perm.run("remove_group", name="admin")
     assert perm.model.right("bob", PERM, "Site") is Right.UPDATE
     assert "admin" not in perm.model.groups

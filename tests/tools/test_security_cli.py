@@ -183,7 +183,11 @@ def test_site_init_makes_the_factory_policy_once(tmp_path: Path) -> None:
     assert "argon2id t=1 p=1 m=64 KiB" in out
     assert any(ln.split()[:2] == ["root-admin", "password"] and "admin, everyone" in ln for ln in out.splitlines())
     assert any(ln.startswith("services") and "a site service" in ln for ln in out.splitlines())
-    assert any(ln.split() == ["everyone", "UPerm", "Config", "none"] for ln in out.splitlines())
+    lines = out.splitlines()
+    header = lines.index(next(ln for ln in lines if ln.split() == ["GROUP", "MODULE", "SCHEMA", "RIGHT"]))
+    rules = {tuple(ln.split()) for ln in lines[header + 1:] if ln.strip()}
+    assert rules == {("admin", "default", "default", "update"), ("admin", "UPerm", "default", "update"),
+                     ("everyone", "default", "default", "read"), ("services", "UPerm", "Config", "read")}
     assert os.stat(perm_path(load_site(path))).st_mode & 0o077 == 0
 
     again = ubi("site", "init", str(path), new_password="other")
@@ -324,7 +328,14 @@ def test_groups_members_rules_and_explain(site: SiteThread) -> None:
         {"user": "dave", "group": "power", "cell": "Zone-A"}]
     rules = ubi.json("security", "rules", "list")
     assert {"group": "ops", "module": "UTest", "schema": "default", "right": "update", "ignored": False} in rules
-    assert {"group": "everyone", "module": "UPerm", "schema": "Config", "right": "none", "ignored": False} in rules
+    assert {"group": "admin", "module": "UPerm", "schema": "default", "right": "update", "ignored": False} in rules
+    assert {"group": "services", "module": "UPerm", "schema": "Config", "right": "read", "ignored": False} in rules
+    assert not any(r["group"] == "everyone" and r["module"] == "UPerm" for r in rules)
+    # everyone's (default, default, read) does not reach the policy itself
+    perm = ubi("security", "explain", "dave", "UPerm::Config")
+    assert perm.exit_code == 3 and perm.output.splitlines()[:2] == [
+        "denied: dave may not read UPerm::Config at Site", "right:      none (read needed)"]
+    assert "reason:     no rule of everyone covers UPerm::Config" in perm.output and "rule:" not in perm.output
 
     # explain: allowed through membership at Zone-A, implication power → ops, rule of ops
     res = ubi.ok("security", "explain", "dave", COUNTER, "--cell", "Zone-A", "--right", "update")

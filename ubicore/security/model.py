@@ -12,9 +12,14 @@ answers, for a user, a schema and a cell:
 - the user's **right**: the highest over its effective groups (none < read < update).
   An unknown or disabled user has none.
 
-A rule's right may also be ``none``: the most specific rule decides for its group, so
-(everyone, UPerm, Config, none) keeps a wide (everyone, default, default, read) off the
-security model itself. It never takes away what another group gives.
+One exception keeps verifier records safe: the security model's own schemas (module
+``UPerm``) are never reached by a (``default``, ``default``) rule, only by rules that name
+their module, so that "everyone reads everything" does not hand out the verifier records
+of ``UPerm::Config`` (which would allow offline password guessing).
+
+A rule's right may also be ``none``: the most specific rule decides for its group (a
+(G, M, ``default``, read) with (G, M, S, none) keeps G off M::S). It never takes away
+what another group gives.
 
 :meth:`PolicyModel.explain` says what decided and why: the membership, the implication
 path and the rule. :meth:`PolicyModel.granting_groups` names the groups whose members
@@ -35,6 +40,7 @@ from .policy import Right
 
 __all__ = [
     "DEFAULT",
+    "SECURITY_MODULES",
     "SITE_CELL",
     "Explanation",
     "Group",
@@ -48,6 +54,8 @@ __all__ = [
 
 DEFAULT = "default"
 """The wildcard of a rule's module or schema."""
+SECURITY_MODULES = frozenset({"UPerm"})
+"""Modules a (default, default) rule never reaches (see the module docstring)."""
 SITE_CELL = "Site"
 
 
@@ -254,8 +262,10 @@ class PolicyModel:
         """The rule that decides ``group``'s right on ``schema`` (``Module::Schema``)."""
         module, name = split_schema(schema)
         rules = self.rules
-        return (rules.get((group, module, name)) or rules.get((group, module, DEFAULT))
-                or rules.get((group, DEFAULT, DEFAULT)))
+        rule = rules.get((group, module, name)) or rules.get((group, module, DEFAULT))
+        if rule is None and module not in SECURITY_MODULES:
+            rule = rules.get((group, DEFAULT, DEFAULT))
+        return rule
 
     def group_right(self, group: str, schema: str) -> Right:
         rule = self.group_rule(group, schema)
