@@ -132,6 +132,8 @@ class _Joined:
         self.undecryptable = 0
         self.rejected = 0
         self.error: Exception | None = None
+        self.last_message = 0.0
+        """Loop time of the last message on the channel (heartbeats come every second)."""
         self.refused: Exception | None = None
         """Set while the instance refuses this join a re-dump (the right was taken away)."""
         self.closed = False
@@ -147,6 +149,10 @@ class _Joined:
         # client's joins of one instance share its session's keys, not what each has seen
         self.callback_errors = 0
         self._on_close: Callable[[], None] | None = None
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
 
     @property
     def schema(self) -> str:
@@ -196,6 +202,7 @@ class _Joined:
         self._request_dump()
 
     def _on_message(self, msg: ChannelMessage) -> None:
+        self.last_message = self._loop_time()
         if isinstance(msg, SealedEvent):
             session = self._link.channel_session(self.binding)
             foreign = session is None or session.instance_id != msg.instance_id  # a restart, say

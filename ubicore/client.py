@@ -18,7 +18,6 @@ endpoints). Calls have deadlines and never hang; errors are the typed tree of
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -89,11 +88,12 @@ class Client:
         credentials: Credentials | None = None,
         site: str | None = None,
         credential_provider: CredentialProvider | None = None,
-        dataset: str | os.PathLike[str] | None = None,
+        site_config: SiteConfig | None = None,
     ) -> None:
         self.timeout_s = timeout_s
-        self._dataset = dataset  # where the site's ipc sockets are found (local credentials)
+        self._site_config = site_config  # where the site's ipc sockets are found (local credentials)
         self.credential_provider = credential_provider
+        self._login_lock = asyncio.Lock()
         self.sessions = SessionManager(credentials, site=site)
         self._local = self.sessions.credentials.is_local
         self._naming_binding = Binding(NAMING_SCHEMA, NAMING_CELL, core_rpc, core_events)
@@ -110,7 +110,7 @@ class Client:
     ) -> Client:
         return cls(site.core.rpc_endpoint, site.core.event_endpoint, timeout_s=timeout_s,
                    credentials=credentials, site=site.name, credential_provider=credential_provider,
-                   dataset=site.dataset)
+                   site_config=site)
 
     @property
     def user(self) -> str:
@@ -126,12 +126,26 @@ class Client:
         """Run ``attempt()``; when it is denied (or the login it needs fails) and the client
         has a credential provider, ask it for credentials and run it again with them
         (ubicore/login.py). The client keeps credentials that worked."""
+        denied_as = self.sessions.credentials
         try:
             return await attempt()
         except (PermissionDenied, AuthenticationFailed) as first:
             if self.credential_provider is None or isinstance(first, CredentialsOutOfDate):
                 raise
             err: PermissionDenied | AuthenticationFailed = first
+        async with self._login_lock:  # one prompt at a time; a second denied call waits for it
+            return await self._login_and_retry(schema, cell, operation, attempt, err, denied_as)
+
+    async def _login_and_retry(
+        self, schema: str, cell: str, operation: str, attempt: Callable[[], Awaitable[T]],
+        err: PermissionDenied | AuthenticationFailed, denied_as: Credentials,
+    ) -> T:
+        assert self.credential_provider is not None
+        if self.sessions.credentials is not denied_as:  # another call switched meanwhile: try that first
+            try:
+                return await attempt()
+            except (PermissionDenied, AuthenticationFailed) as exc:
+                err = exc
         failed = False
         for n in range(1, MAX_ATTEMPTS + 1):
             groups = tuple(str(g) for g in err.groups) if isinstance(err, PermissionDenied) else ()
@@ -141,7 +155,7 @@ class Client:
             creds = await ask(self.credential_provider, request)
             if creds is None:
                 raise err
-            previous = self.sessions.credentials
+            previous, logins = self.sessions.credentials, self.sessions.logins
             self.use_credentials(creds)
             try:
                 return await attempt()
@@ -150,8 +164,9 @@ class Client:
                 err, failed = exc, True
             except PermissionDenied as exc:  # logged in, still not allowed: keep them, ask again
                 err, failed = exc, False
-            except BaseException:  # a timeout, say: the new credentials were never checked
-                self.use_credentials(previous)
+            except BaseException:  # a timeout, say: keep them only if a login proved them
+                if self.sessions.logins == logins:
+                    self.use_credentials(previous)
                 raise
         raise err
 
@@ -244,8 +259,8 @@ class Client:
         """Where calls to a registered instance go: for local credentials, its ipc endpoint
         on this host, found from the site file and checked to be the site account's
         (ubicore/localipc.py; never the registration's word); else its TCP endpoint."""
-        if self._local and self._dataset is not None and bool(getattr(row, "local", None)):
-            local = trusted_endpoint(self._dataset, row.schema, row.cell)
+        if self._local and self._site_config is not None and bool(getattr(row, "local", None)):
+            local = trusted_endpoint(self._site_config, row.schema, row.cell)
             if local is not None:
                 return local
         rpc: str = row.rpc

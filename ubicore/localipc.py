@@ -1,15 +1,17 @@
 """Where a site's ``ipc://`` endpoints live on a host, and why a client may trust them.
 
 Every instance also answers on an ipc socket, where OS users of its host log in by uid
-(:mod:`ubicore.security.local`). The sockets of a site live in one directory per
-dataset, ``<tmp>/ubicore-<hash of the dataset path>/`` (a Unix socket path must stay
-under 108 bytes, and other local accounts must be able to reach it, which a private
-dataset directory would not let them):
+(:mod:`ubicore.security.local`). The sockets of a site live in its *run directory*: the
+site file's ``run_dir``, else ``<dataset>/run``. The instances make it if needed, never
+remove it, and refuse to start if it is a symlink, another account's, or writable by
+others. Each socket is mode 0666 (connecting needs write permission); the instance then
+learns the peer's uid from the kernel.
 
-- the directory is the site account's, mode 0711: others may connect to a socket whose
-  name they know, nobody else may create, rename or list anything in it;
-- each socket is mode 0666 (connecting needs write permission); the instance then
-  learns the peer's uid from the kernel.
+Who may reach the sockets is the operator's choice, made with directory permissions:
+under the default (the dataset is private, 0700) only the site's own account can, which
+is what its instances need. For OS users of other accounts, name a ``run_dir`` they can
+traverse (made by the site account, mode 0711: they connect to a socket whose name they
+know, and nobody else creates, renames or lists anything in it).
 
 A client never takes a registration's word for an ipc endpoint: it computes the path
 from the site file and checks that the directory and the socket are not symlinks, are
@@ -23,67 +25,82 @@ import contextlib
 import hashlib
 import os
 import stat
-import tempfile
 from pathlib import Path
 
+from .config.model import SiteConfig
 from .errors import ConfigError
 
-__all__ = ["endpoint", "ensure_run_dir", "release_run_dir", "run_dir", "socket_path", "trusted_endpoint"]
+__all__ = ["bind_path", "endpoint", "ensure_run_dir", "run_dir", "socket_path", "trusted_endpoint"]
 
 DIR_MODE = 0o711
 SOCKET_MODE = 0o666
+MAX_SOCKET_PATH = 107
 
 
-def run_dir(dataset: str | os.PathLike[str]) -> Path:
+def run_dir(site: SiteConfig) -> Path:
     """The directory of the site's ipc sockets on this host."""
-    digest = hashlib.sha256(str(Path(dataset).resolve()).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"ubicore-{digest}"
+    return site.run_dir if site.run_dir is not None else Path(site.dataset) / "run"
 
 
-def socket_path(dataset: str | os.PathLike[str], schema: str, cell: str) -> Path:
-    name = hashlib.sha256(f"{schema}@{cell}".encode()).hexdigest()[:16]
-    return run_dir(dataset) / f"{name}.ipc"
+def socket_path(site: SiteConfig, schema: str, cell: str) -> Path:
+    name = hashlib.sha256(f"{schema}@{cell}".encode()).hexdigest()[:12]
+    return run_dir(site) / f"{name}.ipc"
 
 
-def endpoint(dataset: str | os.PathLike[str], schema: str, cell: str) -> str:
-    return f"ipc://{socket_path(dataset, schema, cell)}"
+def endpoint(site: SiteConfig, schema: str, cell: str) -> str:
+    """The ``ipc://`` endpoint of (schema, cell); ConfigError if the path is too long for
+    a Unix socket (then name a shorter ``run_dir`` in the site file)."""
+    path = socket_path(site, schema, cell)
+    if len(str(path).encode()) > MAX_SOCKET_PATH:
+        raise ConfigError(str(site.source), "run_dir", f"{path.parent} is too long a path for Unix sockets; "
+                                                        "name a shorter run_dir in the site file")
+    return f"ipc://{path}"
 
 
-def ensure_run_dir(dataset: str | os.PathLike[str]) -> Path:
-    """The run directory, made if needed (server side); ConfigError if it is not ours
-    alone (a symlink, another account's, writable by others)."""
-    path = run_dir(dataset)
+def ensure_run_dir(site: SiteConfig) -> Path:
+    """The run directory, made if needed (server side); ConfigError if it is a symlink,
+    another account's, or writable by others."""
+    path = run_dir(site)
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=DIR_MODE)
     try:
         st = os.lstat(path)
     except OSError as exc:
-        raise ConfigError(str(path), "", f"cannot make the ipc directory: {exc.strerror}") from None
+        raise ConfigError(str(site.source), "run_dir", f"cannot make the ipc directory {path}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise ConfigError(str(path), "", "the ipc directory is not a directory of this account "
-                                         "(another account made it first?); remove it and start again")
-    if stat.S_IMODE(st.st_mode) != DIR_MODE:
-        os.chmod(path, DIR_MODE, follow_symlinks=False)
+        raise ConfigError(str(site.source), "run_dir", f"{path} is not a directory of this account")
+    if st.st_mode & 0o022:
+        raise ConfigError(str(site.source), "run_dir", f"others can write in {path}; fix it with: chmod go-w {path}")
     return path
 
 
-def release_run_dir(dataset: str | os.PathLike[str]) -> None:
-    """Remove the run directory if no socket is left in it."""
-    with contextlib.suppress(OSError):
-        run_dir(dataset).rmdir()
+class BoundSocket:
+    """A socket file this process bound: removed at the end only if it is still that file
+    (a newer instance of the same (schema, cell) may have bound the path since)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        os.chmod(path, SOCKET_MODE)  # every account may connect; the uid decides what it may do
+        st = os.lstat(path)
+        self._id = (st.st_dev, st.st_ino)
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._id:
+                self.path.unlink()
 
 
-def open_socket(path: Path) -> None:
-    """After binding: let every local account connect (the uid decides what it may do)."""
-    os.chmod(path, SOCKET_MODE)
+def bind_path(endpoint: str) -> Path | None:
+    return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
 
 
-def trusted_endpoint(dataset: str | os.PathLike[str], schema: str, cell: str) -> str | None:
+def trusted_endpoint(site: SiteConfig, schema: str, cell: str) -> str | None:
     """The ipc endpoint of (schema, cell) if it exists here and can only have been made by
     the dataset's owner; None otherwise."""
-    path = socket_path(dataset, schema, cell)
+    path = socket_path(site, schema, cell)
     try:
-        owner = os.lstat(Path(dataset)).st_uid
+        owner = os.stat(Path(site.dataset).resolve()).st_uid
         d = os.lstat(path.parent)
         s = os.lstat(path)
     except OSError:

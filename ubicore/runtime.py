@@ -44,7 +44,7 @@ BUILTIN_SERVICE_MODULES = (
 REGISTRATION_CHECK_S = 2.0
 PERM_SCHEMA = "UPerm::Config"
 POLICY_WATCH_S = 0.25
-POLICY_STALE_WARN_S = 30.0
+POLICY_STALE_WARN_S = 10.0
 
 
 def load_schemas(site: SiteConfig) -> None:
@@ -74,8 +74,8 @@ def cell_parents(site: SiteConfig) -> dict[str, str | None]:
 
 def ipc_endpoint(site: SiteConfig, schema: str, cell: str) -> str:
     """The ``ipc://`` endpoint (schema, cell) binds on this host (ubicore/localipc.py)."""
-    localipc.ensure_run_dir(site.dataset)
-    return localipc.endpoint(site.dataset, schema, cell)
+    localipc.ensure_run_dir(site)
+    return localipc.endpoint(site, schema, cell)
 
 
 def perm_path(site: SiteConfig) -> Path:
@@ -331,33 +331,42 @@ class PolicyFollower:
 
     async def _watchdog(self) -> None:
         """Fail closed while the policy refuses us (this account lost read on it): an
-        instance must not go on deciding with a policy it can no longer follow. An
-        unreachable core is different: the last policy stays (and is logged)."""
+        instance must not go on deciding with a policy it can no longer follow. A silent
+        policy channel (the core down or cut off) is different: the last policy stays,
+        and a warning says so every POLICY_STALE_WARN_S."""
         loop = asyncio.get_running_loop()
-        down_since: float | None = None
+        warned = loop.time()
         while True:
             await asyncio.sleep(POLICY_WATCH_S)
-            cache = self._cache
-            if cache is None:
-                continue
-            if cache.refused is not None and not self._closed:
-                self._closed = True
-                log.error("the site's security policy refuses this instance (%s): refusing every "
-                          "protected action until it is readable again", cache.refused)
-                model = self.source.model
-                self.source.update(PolicyModel(levels=model.levels, parents=model.parents))
-            elif cache.refused is None and self._closed and cache.live:
-                self._closed = False
-                log.warning("the site's security policy is readable again")
-                self._feed()
-            if cache.live:
-                down_since = None
-            elif down_since is None:
-                down_since = loop.time()
-            elif loop.time() - down_since > POLICY_STALE_WARN_S:
-                log.warning("the site's security policy has not been followed for %.0f s; deciding with "
-                            "the last one received", loop.time() - down_since)
-                down_since = loop.time()
+            try:
+                self._check(loop.time(), warned)
+                cache = self._cache
+                if cache is not None and loop.time() - max(cache.last_message, warned) > POLICY_STALE_WARN_S:
+                    log.warning("the site's security policy has been silent for %.0f s (is the core up?); "
+                                "deciding with the last one received", loop.time() - cache.last_message)
+                    warned = loop.time()
+            except Exception:  # the watchdog must not die: fail closed and keep watching
+                log.exception("the security policy watchdog failed; refusing protected actions")
+                self._close_policy()
+
+    def _check(self, now: float, warned: float) -> None:
+        cache = self._cache
+        if cache is None:
+            return
+        if cache.refused is not None and not self._closed:
+            log.error("the site's security policy refuses this instance (%s): refusing every "
+                      "protected action until it is readable again", cache.refused)
+            self._close_policy()
+        elif cache.refused is None and self._closed and cache.live:
+            self._closed = False
+            log.warning("the site's security policy is readable again")
+            self._feed()
+
+    def _close_policy(self) -> None:
+        if not self._closed:
+            self._closed = True
+            model = self.source.model
+            self.source.update(PolicyModel(levels=model.levels, parents=model.parents))
 
     def _changed(self, relation: str, old: Any, new: Any) -> None:
         if not self._scheduled:

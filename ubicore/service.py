@@ -19,11 +19,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from .dispatch import InstanceCore
-from .localipc import open_socket
+from .localipc import BoundSocket, bind_path
 from .protocol.codec import HEADER_WELCOME, encode_delta_batches, encode_heartbeat
 from .protocol.messages import Heartbeat
 from .schema import Protection
@@ -103,6 +102,7 @@ class InstanceServer:
         self.core = core
         self._local_endpoint = local
         self._local: Pump | None = None
+        self._local_socket: BoundSocket | None = None
         self._address = address
         self._ports = (rpc_port, event_port)
         self._heartbeat_s = heartbeat_s
@@ -150,7 +150,8 @@ class InstanceServer:
                 for sock in (pub, router, local):
                     sock.close(0)
                 raise
-            open_socket(Path(self._local_endpoint[len("ipc://"):]))
+            bound = bind_path(self.core.endpoints["local"])
+            self._local_socket = BoundSocket(bound) if bound is not None else None
             self._local = Pump(local, self._on_local_request, self._loop, recv=recv_frames_with_peer)
         # The publisher hands subscriptions up; nothing needs them, but they must be read.
         self._pub = Pump(pub, _discard, self._loop)
@@ -302,11 +303,8 @@ class InstanceServer:
         for pump in (self._router, self._local):
             if pump is not None:
                 pump.close()
-        if self._local is not None and self._local_endpoint is not None:
-            path = Path(self._local_endpoint[len("ipc://"):])
-            with contextlib.suppress(OSError):
-                path.unlink()
-            with contextlib.suppress(OSError):
-                path.parent.rmdir()  # the site's run directory, once its last socket is gone
+        if self._local_socket is not None:
+            self._local_socket.remove()
+            self._local_socket = None
         self._router = self._local = None
         self.core.store.close()

@@ -265,3 +265,18 @@ def test_spliced_demo_text_parses_or_raises_config_error(cut: int, junk: str) ->
 
 _DEMO_TEXT = textwrap.dedent(DEMO.read_text(encoding="utf-8"))
 _DEMO_DOC = demo_doc()
+
+
+@pytest.mark.parametrize("value, problem", [("", "non-empty"), ("/r/" + "x" * 100, "too long"), (7, "string")])
+def test_a_bad_run_dir_is_named(value: Any, problem: str) -> None:
+    doc = demo_doc()
+    doc["run_dir"] = value
+    err = config_error(doc)
+    assert err.key_path == "run_dir" and problem in err.problem
+
+
+def test_run_dir_is_relative_to_the_site_file_and_defaults_to_the_dataset() -> None:
+    doc = demo_doc()
+    assert parse_doc(doc).run_dir is None
+    doc["run_dir"] = "run-here"
+    assert parse_doc(doc).run_dir == Path(SOURCE).resolve().parent / "run-here"

@@ -205,7 +205,7 @@ def test_unknown_session_and_tampering() -> None:
     with pytest.raises(DecryptionFailed):  # moved into another live session
         g.open(Sealed(c2.session_id, m.counter, m.corr_id, m.ciphertext))
     with pytest.raises(DecryptionFailed):
-        g.open(Sealed(m.session_id, m.counter, m.corr_id, m.ciphertext[:-1] + b"\0"))
+        g.open(Sealed(m.session_id, m.counter, m.corr_id, m.ciphertext[:-1] + bytes([m.ciphertext[-1] ^ 1])))
     g.open(m)
     with pytest.raises(DecryptionFailed):  # replay
         g.open(m)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import shutil
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -107,25 +109,35 @@ async def test_an_instance_that_cannot_follow_the_policy_does_not_keep_serving_r
         assert server.core.policy.verifier("bob") is None
 
 
-def test_run_dir_refuses_a_symlink_in_the_temporary_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp))
-    dataset = tmp_path / "dataset"
-    dataset.mkdir()
-    target = tmp_path / "elsewhere"  # a private directory of this account the attacker points at
+def test_run_dir_refuses_a_symlink(tmp_path: Path) -> None:
+    from ubicore.config import parse_site
+
+    target = tmp_path / "elsewhere"  # a private directory the link points at
     target.mkdir(mode=0o700)
-    localipc.run_dir(dataset).symlink_to(target)  # planted by another account in a sticky /tmp
+    run = tmp_path / "run"
+    run.symlink_to(target)
+    site = parse_site(site_yaml(tmp_path / "dataset", core_port=1, event_port=2, run_dir=run), tmp_path / "site.yaml")
     with pytest.raises(ConfigError):
-        localipc.ensure_run_dir(dataset)
-    (target / (localipc.socket_path(dataset, COUNTER, "Site").name)).touch()
-    assert localipc.trusted_endpoint(dataset, COUNTER, "Site") is None  # nor does a client go there
+        localipc.ensure_run_dir(site)
+    (target / (localipc.socket_path(site, COUNTER, "Site").name)).touch()
+    assert localipc.trusted_endpoint(site, COUNTER, "Site") is None  # nor does a client go there
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another account")
 @run_async
 async def test_an_os_user_of_another_account_can_reach_the_ipc_endpoint(tmp_path: Path) -> None:
-    async with running_site(tmp_path, instances=[(COUNTER, "Site")]) as rs:
+    # The operator names a run_dir other accounts can traverse (the default, inside the
+    # private dataset, is for the site's own account only).
+    shared = Path(tempfile.mkdtemp(prefix="ubicore-run-"))  # pytest's tmp_path is private to root
+    os.chmod(shared, 0o711)
+    try:
+        await _reach_as_another_account(tmp_path, shared)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+async def _reach_as_another_account(tmp_path: Path, shared: Path) -> None:
+    async with running_site(tmp_path, instances=[(COUNTER, "Site")], run_dir=shared) as rs:
         rs.policy.edit("add_user", name="nobody-user", kind="os", uid=65534, groups=["everyone"])
         path = rs.server(COUNTER, "Site").core.endpoints["local"][len("ipc://"):]
         code = f"import socket; socket.socket(socket.AF_UNIX).connect({path!r})"

@@ -111,6 +111,8 @@ class SiteConfig:
     deployments: tuple[Deployment, ...]
     instances: tuple[InstancePlan, ...]
     security: SecurityConfig = SecurityConfig()
+    run_dir: Path | None = None
+    """Where the instances' ipc sockets live on every host (None: ``<dataset>/run``)."""
 
     def _cell(self, name: str) -> CellConfig:
         cell = self.cells.get(name)

@@ -5,6 +5,7 @@ which schemas are deployed where::
 
     site: demo                      # site name, [A-Za-z0-9_.-]+
     dataset: ../dataset/demo        # relative paths are relative to the site file's directory
+    run_dir: /run/ubicore-demo      # optional: the ipc sockets (default <dataset>/run; see localipc)
     imports: [mypkg.schemas]        # optional: dotted names of modules declaring extra schemas
     core:
       host: host-a                  # must name a host
@@ -73,6 +74,9 @@ from ubicore.config.model import (
     SiteConfig,
 )
 from ubicore.errors import ConfigError
+
+MAX_RUN_DIR = 90
+"""A socket path (run_dir + "/" + 12 hex digits + ".ipc") must stay under 108 bytes."""
 
 __all__ = ["PROTECTIONS", "ROOT_CELL", "CellConfig", "CoreConfig", "Deployment", "HostConfig",
            "InstancePlan", "SiteConfig", "load_site", "parse_site"]
@@ -221,7 +225,7 @@ class _Parser:
 
     def site(self, doc: Any) -> SiteConfig:
         top = self.record(doc, "", ("site", "dataset", "core", "hosts", "cells"),
-                          ("imports", "levels", "deployments", "security"))
+                          ("imports", "levels", "deployments", "security", "run_dir"))
         name = self.name(top["site"], "site", "site")
         dataset = self.string(top["dataset"], "dataset")
         if not dataset or "\0" in dataset:
@@ -236,11 +240,19 @@ class _Parser:
         deployments, instances = self.deployments(top.get("deployments", []), cells, levels)
         security = self.security(top.get("security", {}))
         base = Path(self.file).parent
+        run_dir = None
+        if "run_dir" in top:
+            given = self.string(top["run_dir"], "run_dir")
+            if not given or "\0" in given:
+                self.fail("run_dir", "expected a non-empty path")
+            run_dir = Path(os.path.abspath(base / given))
+            if len(str(run_dir)) > MAX_RUN_DIR:
+                self.fail("run_dir", f"too long for Unix socket paths (at most {MAX_RUN_DIR} characters)")
         return SiteConfig(
             name=name, source=Path(self.file),
             dataset=Path(os.path.abspath(base / dataset)), imports=imports, core=core,
             hosts=MappingProxyType(hosts), levels=levels, cells=MappingProxyType(cells),
-            deployments=deployments, instances=instances, security=security)
+            deployments=deployments, instances=instances, security=security, run_dir=run_dir)
 
     def security(self, value: Any) -> SecurityConfig:
         keys = ("session_ttl_s", "rotation_s", "rotate_after_messages")

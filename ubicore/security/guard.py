@@ -416,6 +416,8 @@ class SessionGuard:
         for sid in expired:
             del self.sessions[sid]
         self.stats.sessions = len(self.sessions)
+        if len(self._made_with) > len(self.sessions):  # sessions ended elsewhere (evicted, a level change...)
+            self._made_with = {sid: m for sid, m in self._made_with.items() if sid in self.sessions}
         self._expire_pending()
         if self.level is Protection.FULL and now - self._rotated_at >= self.settings.rotation_s:
             return self.rotate("periodic")

@@ -111,6 +111,7 @@ def site_yaml(
     positions_tags: int = 4,
     name: str = "test",
     security: Mapping[str, Any] | None = None,
+    run_dir: Path | None = None,
 ) -> str:
     """The text of a small valid site file whose core listens on the given ports.
 
@@ -144,6 +145,8 @@ def site_yaml(
         del doc["imports"]
     if security:
         doc["security"] = dict(security)
+    if run_dir is not None:
+        doc["run_dir"] = str(run_dir)
     header = "# A site for tests, written by ubicore.testing.site.site_yaml.\n"
     return header + str(yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))
 
@@ -342,6 +345,7 @@ async def running_site(
     client_timeout_s: float = 5.0,
     register_wait_s: float = REGISTER_WAIT_S,
     security: Mapping[str, Any] | None = None,
+    run_dir: Path | None = None,
 ) -> AsyncIterator[RunningSite]:
     """Serve a :func:`site_yaml` site under ``tmp_path`` while the block runs.
 
@@ -355,7 +359,7 @@ async def running_site(
     core_port, event_port = free_ports(2)
     text = site_yaml(tmp_path / "dataset", core_port=core_port, event_port=event_port,
                      extra_deployments=extra_deployments, imports=imports,
-                     positions_rate_hz=positions_rate_hz, security=security)
+                     positions_rate_hz=positions_rate_hz, security=security, run_dir=run_dir)
     path = tmp_path / "site.yaml"
     path.write_text(text, encoding="utf-8")
     site = parse_site(text, path)
