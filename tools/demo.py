@@ -24,7 +24,8 @@ from ubicore.cache import Cache
 from ubicore.client import Client
 from ubicore.config.model import SiteConfig
 from ubicore.controller import run_site
-from ubicore.errors import RemoteError
+from ubicore.errors import PermissionDenied, RemoteError
+from ubicore.login import requirement
 from ubicore.protocol.messages import Delta, Heartbeat, Rekey, SealedEvent
 
 from ubicore.runtime import current_os_user, init_site, offline_policy
@@ -114,11 +115,28 @@ async def live_client(
                 info = await client.find(plan.cell, POSITIONS)
                 if info.protection == "full":
                     spies[plan.cell] = Eavesdropper(info.events)
+        await show_denial(site, say)
         try:
             await _show(site, client, caches, counts, spies, stop, say)
         finally:
             for spy in spies.values():
                 spy.close()
+
+
+async def show_denial(site: SiteConfig, say: Callable[[str], None]) -> None:
+    """An anonymous client tries an update: the denial says who may act (the login prompt's line)."""
+    config_cell = next((p.cell for p in site.instances if p.schema == CONFIG), None)
+    if config_cell is None:
+        return
+    async with Client.for_site(site) as anonymous:
+        say(f"> (anonymous) call {config_cell} {CONFIG} set_rate sensor=S-001 rate_hz=3")
+        try:
+            await anonymous.call(config_cell, CONFIG, "set_rate", sensor="S-001", rate_hz=3.0)
+            say("  done (the site's policy lets anyone update it)")
+        except PermissionDenied as exc:
+            say(f"  {exc.code}: {exc.message}. {requirement(exc.groups)}")
+        except RemoteError as exc:
+            say(f"  {exc.code}: {exc.message}")
 
 
 async def _show(
