@@ -114,7 +114,10 @@ class Client:
 
     @property
     def user(self) -> str:
-        """Who the client logs in as now."""
+        """Who the client logs in as now (for local credentials, the OS user an instance
+        named once one was logged in to)."""
+        if self.sessions.credentials.is_local and self.sessions.local_user is not None:
+            return self.sessions.local_user
         return self.sessions.credentials.user
 
     def use_credentials(self, credentials: Credentials) -> None:

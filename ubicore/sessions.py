@@ -116,6 +116,8 @@ class SessionManager:
         self._logins: dict[tuple[str, str, str], asyncio.Task[ClientSession]] = {}
         self._held: set[tuple[str, str, str]] = set()
         self.logins = 0
+        self.local_user: str | None = None
+        """The OS user local credentials logged in as (the instances name it)."""
 
     def __repr__(self) -> str:
         return f"<SessionManager user={self.credentials.user!r} sessions={len(self._sessions)}>"
@@ -144,6 +146,7 @@ class SessionManager:
         """Log in as someone else from now on: every session is dropped (its group keys
         still open the channel until a rotation), the next call logs in anew."""
         self.credentials = credentials
+        self.local_user = None
         for s in self._sessions.values():
             s.expires_at = 0.0
 
@@ -234,6 +237,7 @@ class SessionManager:
         if sg.epoch != grant.version or sg.user != grant.user:
             raise AuthenticationFailed("authentication failed")
         self.logins += 1
+        self.local_user = sg.user
         return client_session(schema, cell, instance_id, sg, k_sess, self._clock() + sg.ttl_s * RENEW_MARGIN)
 
 

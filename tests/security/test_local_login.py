@@ -387,6 +387,7 @@ async def test_an_os_user_reads_a_full_schema_over_ipc(tmp_path: Path) -> None:
         await wait_until(lambda: server.core.policy.right(me, COUNTER, "Site") >= Right.READ,
                          "the instance knows the OS user reads")
         assert await local.call("Site", COUNTER, "get", name="p") == 1
+        assert local.user == me  # the instance named the OS user
         cache = await local.cache("Site", COUNTER)
         assert cache.table("counters")[("p",)].value == 1  # type: ignore[attr-defined]
         await rs.client.call("Site", COUNTER, "bump", name="p")

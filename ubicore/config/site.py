@@ -5,7 +5,7 @@ which schemas are deployed where::
 
     site: demo                      # site name, [A-Za-z0-9_.-]+
     dataset: ../dataset/demo        # relative paths are relative to the site file's directory
-    run_dir: /run/ubicore-demo      # optional: the ipc sockets (default <dataset>/run; see localipc)
+    run_dir: /srv/ubicore-demo-run  # optional: where the instances' ipc sockets live (default <dataset>/run)
     imports: [mypkg.schemas]        # optional: dotted names of modules declaring extra schemas
     core:
       host: host-a                  # must name a host
@@ -42,6 +42,16 @@ Names (site, hosts, cells, levels) match ``[A-Za-z0-9_.-]+``; cell names are uni
 across the whole tree. A deployment by level yields one instance per cell of that level,
 a deployment by cell one instance at that cell; the same schema twice at one cell is an
 error. Unknown keys, duplicate keys, wrong types and missing keys are errors.
+
+``run_dir`` is the directory of the instances' local (``ipc://``) sockets on every host,
+resolved like ``dataset`` and at most 90 characters once absolute (a Unix socket path
+must stay under 108 bytes). The instances make it (mode 0711) if it is missing, never
+remove it, and refuse it if it is a symlink, another account's, or writable by group or
+others. The default, ``<dataset>/run``, sits in the dataset that ``ubi site init`` makes
+private (0700), so only the site's own account reaches it; to let OS users of other
+accounts log in locally, name a directory they can traverse, owned by the site's
+account with mode 0711 (``mkdir DIR; chown SITE-ACCOUNT: DIR; chmod 0711 DIR`` as root;
+docs/operators-guide.md, "OS users"; :mod:`ubicore.localipc`).
 
 Every problem is a :class:`~ubicore.errors.ConfigError` naming the file as given and
 the key path (``hosts.host-b.address``, ``deployments[1].schema``; ``""`` for the whole
