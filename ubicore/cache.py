@@ -21,6 +21,7 @@ import logging
 import types
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any, NamedTuple, Protocol
 
 from .errors import (
@@ -133,7 +134,8 @@ class _Joined:
         self.rejected = 0
         self.error: Exception | None = None
         self.last_message = 0.0
-        """Loop time of the last message on the channel (heartbeats come every second)."""
+        """``time.monotonic()`` (the loop's clock) of the last message on the channel
+        (heartbeats come every second)."""
         self.refused: Exception | None = None
         """Set while the instance refuses this join a re-dump (the right was taken away)."""
         self.closed = False
@@ -149,10 +151,6 @@ class _Joined:
         # client's joins of one instance share its session's keys, not what each has seen
         self.callback_errors = 0
         self._on_close: Callable[[], None] | None = None
-
-    @staticmethod
-    def _loop_time() -> float:
-        return asyncio.get_running_loop().time()
 
     @property
     def schema(self) -> str:
@@ -202,7 +200,7 @@ class _Joined:
         self._request_dump()
 
     def _on_message(self, msg: ChannelMessage) -> None:
-        self.last_message = self._loop_time()
+        self.last_message = monotonic()
         if isinstance(msg, SealedEvent):
             session = self._link.channel_session(self.binding)
             foreign = session is None or session.instance_id != msg.instance_id  # a restart, say
