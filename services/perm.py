@@ -51,6 +51,16 @@ def _check_part(what: str, value: str) -> str:
     return value
 
 
+MAX_DESCRIPTION = 200
+
+
+def _description(text: str) -> str:
+    if len(text) > MAX_DESCRIPTION or any(ch in text for ch in "\n\r\0"):
+        raise BadArguments(f"a description is one line of at most {MAX_DESCRIPTION} characters",
+                           {"argument": "description"})
+    return text
+
+
 def _right(value: str) -> Right:
     try:
         return Right[value.upper()]
@@ -125,7 +135,7 @@ class Config(Schema, name=SCHEMA, protection="full"):
         if tx.users.get(name) is not None:
             raise BadArguments(f"user {name!r} exists", {"argument": "name"})
         row = _user_values(tx, name, kind, salt, verifier, t, p, m_kib, uid)
-        tx.users.insert(**row, description=description)
+        tx.users.insert(**row, description=_description(description))
         for g in groups or ():
             self.add_member(tx, name, g, SITE_CELL)
 
@@ -148,7 +158,7 @@ class Config(Schema, name=SCHEMA, protection="full"):
     @update
     def describe_user(self, tx: Transaction, name: str, description: str) -> None:
         _user(tx, name)
-        tx.users.update(name=name, description=description)
+        tx.users.update(name=name, description=_description(description))
 
     @update
     def remove_user(self, tx: Transaction, name: str) -> None:
@@ -167,12 +177,12 @@ class Config(Schema, name=SCHEMA, protection="full"):
         check_name("group", name)
         if tx.groups.get(name) is not None:
             raise BadArguments(f"group {name!r} exists", {"argument": "name"})
-        tx.groups.insert(name=name, description=description)
+        tx.groups.insert(name=name, description=_description(description))
 
     @update
     def describe_group(self, tx: Transaction, name: str, description: str) -> None:
         _group(tx, name)
-        tx.groups.update(name=name, description=description)
+        tx.groups.update(name=name, description=_description(description))
 
     @update
     def remove_group(self, tx: Transaction, name: str) -> None:
@@ -312,8 +322,10 @@ def _user_values(
     if kind not in UserKind.ALL:
         raise BadArguments(f"kind {kind!r}: one of password, service, os", {"argument": "kind"})
     if kind == UserKind.OS:
-        if uid is None or not 0 <= uid < 2**32:
+        if uid is None:
             raise BadArguments("an OS user needs its Unix uid", {"argument": "uid"})
+        if not 0 <= uid < 2**32:
+            raise BadArguments(f"uid {uid} is out of range (0 to 4294967295)", {"argument": "uid"})
         if name == DEFAULT_USER:
             raise BadArguments("default is not an OS user", {"argument": "name"})
         for other in tx.users:

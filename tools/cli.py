@@ -19,8 +19,13 @@ import yaml
 
 from ubicore.client import Client
 from ubicore.config import SiteConfig, load_site
-from ubicore.errors import BadArguments, UbiError
-from ubicore.login import CredentialProvider, CredentialsFile, TerminalPrompt
+from ubicore.errors import BadArguments, PermissionDenied, UbiError
+from ubicore.login import (
+    CredentialProvider,
+    CredentialsFile,
+    TerminalPrompt,
+    requirement,
+)
 from ubicore.schema import BUILTIN_OPERATIONS
 from ubicore.sessions import Credentials
 
@@ -40,7 +45,10 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
         return asyncio.run(coro_fn())  # type: ignore[arg-type]
     except UbiError as exc:
         code = getattr(exc, "code", None)
-        _fail(f"{code}: {exc}" if code else str(exc))
+        text = str(exc)
+        if isinstance(exc, PermissionDenied):  # say who may: "This action requires an administrator."
+            text = f"{exc.message}. {requirement(exc.groups)}"
+        _fail(f"{code}: {text}" if code else text)
     except KeyboardInterrupt:
         sys.exit(130)
     raise AssertionError("unreachable")

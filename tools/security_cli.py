@@ -28,8 +28,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from ubicore.client import Client
-from ubicore.errors import PermissionDenied, UbiError
-from ubicore.login import requirement
+from ubicore.errors import UbiError
 from ubicore.schema import Protection
 from ubicore.security.amp import make_verifier
 from ubicore.security.model import DEFAULT, SITE_CELL, UserKind
@@ -57,7 +56,7 @@ def _fail(message: str) -> NoReturn:
 
 
 def _session(ctx: click.Context, body: Callable[[Client], Awaitable[T]]) -> T:
-    """Run ``body`` with a client of the site; a denial names who would be allowed."""
+    """Run ``body`` with a client of the site (``_run`` says who would be allowed on a denial)."""
     from .cli import _run, _site, credential_provider, credentials
 
     site = _site(ctx)
@@ -65,11 +64,8 @@ def _session(ctx: click.Context, body: Callable[[Client], Awaitable[T]]) -> T:
     provider = credential_provider(*ctx.ensure_object(dict).get("login", (False, None)))
 
     async def main() -> T:
-        try:
-            async with Client.for_site(site, credentials=creds, credential_provider=provider) as client:
-                return await body(client)
-        except PermissionDenied as exc:
-            raise PermissionDenied(f"{exc.message}. {requirement(exc.groups)}", exc.detail) from None
+        async with Client.for_site(site, credentials=creds, credential_provider=provider) as client:
+            return await body(client)
 
     return _run(main)
 
@@ -438,7 +434,7 @@ def _ignored(module: str, schema: str) -> bool:
 
 
 def _ignored_warning(schema: str) -> str:
-    return (f"warning: a rule (default, {schema}) is never consulted; "
+    return (f"ubi: warning: a rule (default, {schema}) is never consulted; "
             f"use MODULE::{schema} or (default, default)")
 
 
@@ -536,8 +532,10 @@ def schema_list(ctx: click.Context, as_json: bool) -> None:
     site = _site(ctx)
     levels = {f"{s.module}::{s.schema}": s.level for s in _read(ctx, "schemas")["schemas"]}
     file_levels: dict[str, set[str | None]] = {}
+    cells: dict[tuple[str, str | None], list[str]] = {}  # the table's "cells" column
     for plan in site.instances:
         file_levels.setdefault(plan.schema, set()).add(plan.protection)
+        cells.setdefault((plan.schema, plan.protection), []).append(plan.cell)
     rows = []
     for name in sorted(set(file_levels) | set(levels)):
         declared = _declared(site, name)
@@ -554,6 +552,7 @@ def schema_list(ctx: click.Context, as_json: bool) -> None:
         "schema": lambda r: r["schema"], "level": lambda r: r["level"] or "?", "source": lambda r: r["source"],
         "set": lambda r: r["set"], "site file": lambda r: r["site_file"], "declared": lambda r: r["declared"],
         "deployed": lambda r: "yes" if r["deployed"] else "no",
+        "cells": lambda r: ", ".join(sorted(cells.get((r["schema"], r["site_file"]), []))),
     }, as_json)
 
 

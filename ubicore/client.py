@@ -150,10 +150,12 @@ class Client:
             except (PermissionDenied, AuthenticationFailed) as exc:
                 err = exc
         failed = False
+        groups: tuple[str, ...] = ()
+        message = "This action needs a login."  # a refused login: no group is known yet
         for n in range(1, MAX_ATTEMPTS + 1):
-            groups = tuple(str(g) for g in err.groups) if isinstance(err, PermissionDenied) else ()
-            message = (requirement(groups) if isinstance(err, PermissionDenied)
-                       else f"Log in to {operation} {schema} at {cell}.")
+            if isinstance(err, PermissionDenied):  # else (a wrong password) the last denial still holds
+                groups = tuple(str(g) for g in err.groups)
+                message = requirement(groups)
             request = CredentialRequest(schema, cell, operation, self.user, groups, message, n, failed)
             creds = await ask(self.credential_provider, request)
             if creds is None:

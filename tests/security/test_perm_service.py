@@ -465,3 +465,18 @@ def test_init_site_and_offline_policy(tmp_path: Path) -> None:
         assert m.right("administrator", PERM, "Site") is Right.UPDATE
     data = perm_path(site).read_bytes()
     assert ADMIN_PW.encode() not in data
+
+
+
+def test_descriptions_are_one_short_line_and_uids_are_in_range(perm: Perm) -> None:
+    """Acceptance review: a 5,000-character description was taken; a uid out of range was
+    refused as if it were missing."""
+    for bad in ("x" * 201, "two\nlines"):
+        perm.refused(BadArguments, "add_group", name="g", description=bad)
+        perm.refused(BadArguments, "describe_user", name="administrator", description=bad)
+        perm.refused(BadArguments, "add_user", name="u", description=bad, **pw_args("u"))
+    perm.run("add_group", name="g", description="x" * 200)
+    for uid in (-5, 2**32):
+        err = perm.refused(BadArguments, "add_user", name="o", kind="os", uid=uid)
+        assert "out of range" in err.message
+    assert "needs its Unix uid" in perm.refused(BadArguments, "add_user", name="o", kind="os").message

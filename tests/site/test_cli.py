@@ -24,7 +24,8 @@ def test_an_update_needs_a_user_with_the_update_right(live_site: LiveSite) -> No
     args = ("call", "Site", CONFIG, "set_rate", "sensor=S-002", "rate_hz=3")
     anonymous = ubi(live_site, *args, user=None)
     assert anonymous.exit_code == 1
-    assert anonymous.output.strip() == f"ubi: permission_denied: default may not update {CONFIG} at Site"
+    assert anonymous.output.strip() == (f"ubi: permission_denied: default may not update {CONFIG} at Site. "
+                                       "This action requires an administrator.")
     wrong = ubi(live_site, *args, user=(OPERATOR[0], "not-the-password"))
     assert (wrong.exit_code, wrong.output.strip()) == (1, "ubi: auth_failed: authentication failed")
     assert "Traceback" not in anonymous.output + wrong.output

@@ -92,7 +92,8 @@ def test_the_seed_policy_administrator_updates_others_read(live_site: LiveSite) 
     # The same answers through the ubi command, as another program would get them.
     denied_cli = ubi(live_site, ("pam", "pam-pw"), "call", "Site", CONFIG, "set_rate", "sensor=S-001", "rate_hz=2")
     assert denied_cli.returncode == 1
-    assert denied_cli.stderr.strip() == f"ubi: permission_denied: pam may not update {CONFIG} at Site"
+    assert denied_cli.stderr.strip() == (f"ubi: permission_denied: pam may not update {CONFIG} at Site. "
+                                         "This action requires an administrator.")
     allowed_cli = ubi(live_site, OPERATOR, "call", "Site", CONFIG, "set_rate", "sensor=S-001", "rate_hz=2")
     assert (allowed_cli.returncode, allowed_cli.stdout.strip()) == (0, "ok"), allowed_cli.stderr
     assert "pam-pw" not in denied_cli.stdout + denied_cli.stderr

@@ -365,7 +365,7 @@ def test_groups_members_rules_and_explain(site: SiteThread) -> None:
     # an ignored rule: warned about, still written, exit 0
     ignored = ubi("security", "rules", "set", "ops", "default", "Counter", "read")
     assert ignored.exit_code == 0
-    assert ignored.stderr.strip() == ("warning: a rule (default, Counter) is never consulted; "
+    assert ignored.stderr.strip() == ("ubi: warning: a rule (default, Counter) is never consulted; "
                                       "use MODULE::Counter or (default, default)")
     assert any(r["ignored"] for r in ubi.json("security", "rules", "list"))
     assert "never consulted" in ubi.ok("security", "rules", "list").output
@@ -552,7 +552,8 @@ def test_a_denied_command_asks_on_the_terminal(site: SiteThread) -> None:
 
     code, shown = in_terminal(["--site", path, *SET_RATE, "--no-prompt"], [])
     assert code == 1 and "user: " not in shown
-    assert shown.strip().endswith(f"ubi: permission_denied: default may not update {CONFIG} at Site")
+    assert shown.strip().endswith(f"ubi: permission_denied: default may not update {CONFIG} at Site. "
+                                  "This action requires an administrator.")
     code, shown = in_terminal(["--site", path, "security", "--no-prompt", "rules", "list"], [])
     assert code == 1 and "user: " not in shown and "default may not read UPerm::Config" in shown
 
