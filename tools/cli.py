@@ -209,7 +209,7 @@ def site_init(ctx: click.Context, file: str | None, admin: str, generate_passwor
     from ubicore.runtime import current_os_user, init_site, perm_path
     from ubicore.security.primitives import KdfParams
 
-    from .security_cli import new_password, show_generated
+    from .passwords import new_password, show_generated
 
     if file is not None:
         ctx.obj["site_path"] = file

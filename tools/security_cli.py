@@ -18,9 +18,7 @@ Every listing has ``--json`` (a list of objects with stable keys). Errors are on
 from __future__ import annotations
 
 import asyncio
-import os
 import pwd
-import secrets
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NoReturn, TypeVar
@@ -36,6 +34,7 @@ from ubicore.security.policy import DEFAULT_USER
 from ubicore.security.primitives import KdfParams
 
 from . import format as fmt
+from .passwords import new_password, show_generated
 
 T = TypeVar("T")
 PERM = "UPerm::Config"
@@ -44,7 +43,6 @@ LEVELS = [p.value for p in Protection]
 KINDS = sorted(UserKind.ALL)
 EXIT_DENIED = 3
 """``ubi security explain`` exits with this when the user may not."""
-GENERATED_PASSWORD_BYTES = 18
 
 
 def _fail(message: str) -> NoReturn:
@@ -112,37 +110,6 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (
 
 
 # --- new passwords --------------------------------------------------------------------------------
-
-
-def new_password(name: str, generate: bool) -> tuple[Callable[[], str], bool]:
-    """Where ``name``'s new password comes from: (a function giving it, whether it is
-    generated and must be shown once). Generated with ``generate``, else
-    $UBI_NEW_PASSWORD, else asked twice on the terminal; with no terminal, a one-line
-    failure now, before anything is done."""
-    if generate:
-        password = secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
-        return (lambda: password), True
-    given = os.environ.get("UBI_NEW_PASSWORD")
-    if given is not None:
-        if not given:
-            _fail("UBI_NEW_PASSWORD is empty; an empty password is only for the user default")
-        return (lambda: given), False
-    if not sys.stdin.isatty():
-        _fail(f"no new password for {name}: set UBI_NEW_PASSWORD, use --generate-password, or run in a terminal")
-
-    def ask() -> str:
-        while True:
-            entered: str = click.prompt(f"new password for {name}", hide_input=True, confirmation_prompt=True,
-                                        err=True)
-            if entered:
-                return entered
-            click.echo("an empty password is only for the user default; try again", err=True)
-
-    return ask, False
-
-
-def show_generated(name: str, password: str) -> None:
-    click.echo(f"password for {name} (shown once): {password}")
 
 
 async def _verifier_args(client: Client, name: str, password: Callable[[], str]) -> dict[str, Any]:
