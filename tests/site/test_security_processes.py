@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import pty
-import select
 import subprocess
 import sys
 import time
@@ -32,7 +30,12 @@ from typing import Any
 import pytest
 
 from ubicore.client import Client
-from ubicore.errors import AuthenticationFailed, DecryptionFailed, NotFound, PermissionDenied
+from ubicore.errors import (
+    AuthenticationFailed,
+    DecryptionFailed,
+    NotFound,
+    PermissionDenied,
+)
 from ubicore.login import CredentialRequest
 from ubicore.protocol.codec import HEADER_WELCOME, parse_channel_message
 from ubicore.protocol.messages import Rekey, SealedEvent
@@ -42,6 +45,7 @@ from ubicore.sessions import Credentials
 from ubicore.testing.processes import LiveSite
 from ubicore.testing.site import OPERATOR, TEST_KDF
 
+from ..pty_support import in_terminal
 from ..security.attack_support import Eavesdropper, eavesdropper
 
 CONFIG = "ULocationSystem::ConfigurationUpdate"
@@ -322,49 +326,6 @@ class Recorder:
     def __call__(self, request: CredentialRequest) -> Credentials | None:
         self.requests.append(request)
         return self.answer
-
-
-TTY_WRAPPER = (
-    "import fcntl, os, sys, termios\n"
-    "fcntl.ioctl(0, termios.TIOCSCTTY, 0)\n"  # the pty becomes the controlling terminal (getpass opens /dev/tty)
-    "os.execv(sys.executable, [sys.executable, '-m', 'ubicore.tools.cli', *sys.argv[1:]])\n"
-)
-
-
-def in_terminal(args: list[str], answers: list[tuple[str, str]], timeout_s: float = 20.0) -> tuple[int, str]:
-    """Run ``ubi ARGS`` on a pseudo-terminal; answer each prompt (text awaited, line to type)
-    in turn; (exit status, everything the terminal showed). As in tests/tools/test_security_cli.py."""
-    master, slave = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UBI_")}
-    proc = subprocess.Popen([sys.executable, "-c", TTY_WRAPPER, *args], stdin=slave, stdout=slave, stderr=slave,
-                            start_new_session=True, env=env, close_fds=True)
-    os.close(slave)
-    seen = b""
-    deadline = time.monotonic() + timeout_s
-    pending = list(answers)
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.05)
-            if ready:
-                try:
-                    chunk = os.read(master, 4096)
-                except OSError:  # the child closed the terminal
-                    break
-                if not chunk:
-                    break
-                seen += chunk
-            if pending and pending[0][0].encode() in seen.rsplit(b"\n", 1)[-1]:
-                os.write(master, pending.pop(0)[1].encode() + b"\n")
-            if proc.poll() is not None and not ready:
-                break
-        code = proc.wait(max(0.1, deadline - time.monotonic()))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
-    assert not pending, f"not asked {pending}; the terminal showed {seen!r}"
-    return code, seen.decode(errors="replace").replace("\r\n", "\n")
 
 
 def test_the_prompt_is_built_from_the_right_groups_descriptions(live_site: LiveSite) -> None:
