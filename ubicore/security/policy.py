@@ -86,7 +86,6 @@ class PolicySource:
         self.site = site
         self.model: PolicyModel = PolicyModel()
         self.version = 0
-        self.ready = False
         self.server_secret = Secret(os.urandom(SECRET_BYTES))
         self.fake_params = fake_params
         self._listeners: list[Callable[[], None]] = []
@@ -102,9 +101,13 @@ class PolicySource:
         if kdf is not None:
             self.fake_params = kdf
         self.version += 1
-        self.ready = True
         for listener in list(self._listeners):
             listener()
+
+    @property
+    def ready(self) -> bool:
+        """True once a first model arrived."""
+        return self.version > 0
 
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call ``listener()`` after every update; returns the unsubscribe function."""
