@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ubicore.config import SiteConfig, load_site, parse_site
+from ubicore.config.model import AuditConfig, Threshold
 from ubicore.errors import ConfigError
 
 
@@ -280,3 +281,129 @@ def test_run_dir_is_relative_to_the_site_file_and_defaults_to_the_dataset() -> N
     assert parse_doc(doc).run_dir is None
     doc["run_dir"] = "run-here"
     assert parse_doc(doc).run_dir == Path(SOURCE).resolve().parent / "run-here"
+
+
+# -- the audit section ---------------------------------------------------------------------
+
+
+AUDIT_ERROR_CASES: list[tuple[str, Any, str, str]] = [
+    ("not a mapping", [1], "audit", "expected a mapping, got list"),
+    ("unknown key", {"lockout_s": 30}, "audit.lockout_s", "unknown key"),
+    ("empty skip", {"skip_users_containing": ""}, "audit.skip_users_containing", "non-empty"),
+    ("skip not a string", {"skip_users_containing": 7}, "audit.skip_users_containing",
+     "expected a string, got integer"),
+    ("skip null", {"skip_users_containing": None}, "audit.skip_users_containing",
+     "expected a string, got null"),
+    ("threshold not a mapping", {"failed_logins_per_user": 5}, "audit.failed_logins_per_user",
+     "expected a mapping, got integer"),
+    ("threshold unknown key", {"denials_per_user": {"count": 5, "window": 60}},
+     "audit.denials_per_user.window", "unknown key"),
+    ("count zero", {"failed_logins_per_address": {"count": 0}},
+     "audit.failed_logins_per_address.count", "expected an integer 1..100000, got 0"),
+    ("count too big", {"rejected_per_address": {"count": 100_001}},
+     "audit.rejected_per_address.count", "expected an integer 1..100000"),
+    ("count a float", {"failed_logins_per_user": {"count": 5.0}},
+     "audit.failed_logins_per_user.count", "expected an integer"),
+    ("count a bool", {"failed_logins_per_user": {"count": True}},
+     "audit.failed_logins_per_user.count", "expected an integer"),
+    ("window zero", {"failed_logins_per_user": {"window_s": 0}},
+     "audit.failed_logins_per_user.window_s", "expected seconds > 0, got 0"),
+    ("window a string", {"denials_per_user": {"window_s": "60"}},
+     "audit.denials_per_user.window_s", "expected seconds > 0"),
+    ("window infinite", {"denials_per_user": {"window_s": float("inf")}},
+     "audit.denials_per_user.window_s", "expected seconds > 0"),
+    ("lockout not a mapping", {"lockout": 30}, "audit.lockout", "expected a mapping, got integer"),
+    ("lockout unknown key", {"lockout": {"base": 30}}, "audit.lockout.base", "unknown key"),
+    ("lockout base negative", {"lockout": {"base_s": -1}}, "audit.lockout.base_s",
+     "expected seconds > 0"),
+    ("lockout max a bool", {"lockout": {"max_s": True}}, "audit.lockout.max_s",
+     "expected seconds > 0"),
+    ("lockout forget zero", {"lockout": {"forget_s": 0}}, "audit.lockout.forget_s",
+     "expected seconds > 0"),
+    ("max below base", {"lockout": {"base_s": 60, "max_s": 59}}, "audit.lockout.max_s",
+     "at least lockout.base_s"),
+    ("base above the default max", {"lockout": {"base_s": 7200}}, "audit.lockout.base_s",
+     "at least lockout.base_s (7200)"),
+    ("checkpoint not a mapping", {"checkpoint": []}, "audit.checkpoint",
+     "expected a mapping, got list"),
+    ("checkpoint unknown key", {"checkpoint": {"records": 10, "s": 1}}, "audit.checkpoint.s",
+     "unknown key"),
+    ("checkpoint records zero", {"checkpoint": {"records": 0}}, "audit.checkpoint.records",
+     "expected an integer"),
+    ("checkpoint seconds zero", {"checkpoint": {"seconds": 0}}, "audit.checkpoint.seconds",
+     "expected seconds > 0"),
+    ("key_file empty", {"key_file": ""}, "audit.key_file", "non-empty path"),
+    ("checkpoint_file not a string", {"checkpoint_file": 3}, "audit.checkpoint_file",
+     "expected a string"),
+    ("spool_dir with NUL", {"spool_dir": "a\0b"}, "audit.spool_dir", "non-empty path"),
+    ("key file is the checkpoint file", {"key_file": "a/k", "checkpoint_file": "a/../a/k"},
+     "audit.checkpoint_file", "must not be the key file"),
+]
+
+
+@pytest.mark.parametrize(("section", "key_path", "problem"),
+                         [c[1:] for c in AUDIT_ERROR_CASES], ids=[c[0] for c in AUDIT_ERROR_CASES])
+def test_audit_errors_name_the_key_path(section: Any, key_path: str, problem: str) -> None:
+    doc = demo_doc()
+    doc["audit"] = section
+    err = config_error(doc)
+    assert err.key_path == key_path
+    assert problem in err.problem
+    assert str(err).startswith(f"{SOURCE}: {key_path}: ")
+
+
+def test_audit_defaults_when_absent_or_empty() -> None:
+    doc = demo_doc()
+    doc.pop("audit", None)
+    assert parse_doc(doc).audit == AuditConfig()
+    doc["audit"] = {}
+    assert parse_doc(doc).audit == AuditConfig()
+    doc["audit"] = {"lockout": {}, "checkpoint": {}, "denials_per_user": {}}
+    assert parse_doc(doc).audit == AuditConfig()
+
+
+def test_audit_section_parses_every_key() -> None:
+    doc = demo_doc()
+    doc["audit"] = {
+        "skip_users_containing": "[Automated]",
+        "failed_logins_per_user": {"count": 3, "window_s": 30},
+        "failed_logins_per_address": {"count": 10},
+        "denials_per_user": {"window_s": 2.5},
+        "rejected_per_address": {"count": 100, "window_s": 600},
+        "lockout": {"base_s": 10, "max_s": 10, "forget_s": 86400},
+        "checkpoint": {"records": 1000, "seconds": 0.5},
+        "key_file": "/srv/audit.key",
+        "checkpoint_file": "keys/checkpoints",
+        "spool_dir": "../spool",
+    }
+    here = Path(SOURCE).resolve().parent
+    assert parse_doc(doc).audit == AuditConfig(
+        skip_users_containing="[Automated]",
+        failed_logins_per_user=Threshold(3, 30.0),
+        failed_logins_per_address=Threshold(10, 60.0),
+        denials_per_user=Threshold(20, 2.5),
+        rejected_per_address=Threshold(100, 600.0),
+        lockout_base_s=10.0, lockout_max_s=10.0, lockout_forget_s=86400.0,
+        checkpoint_records=1000, checkpoint_s=0.5,
+        key_file=Path("/srv/audit.key"),
+        checkpoint_file=here / "keys" / "checkpoints",
+        spool_dir=here.parent / "spool",
+    )
+    audit = parse_doc(doc).audit
+    assert isinstance(audit.lockout_base_s, float) and isinstance(audit.checkpoint_s, float)
+    assert isinstance(audit.failed_logins_per_user.window_s, float)
+
+
+def test_audit_section_in_yaml_text() -> None:
+    text = MINIMAL + textwrap.dedent("""\
+        audit:
+          skip_users_containing: "[Automated]"
+          lockout: {base_s: 30, max_s: 3600, forget_s: 3600}
+          checkpoint: {records: 100, seconds: 10}
+        """)
+    audit = parse_site(text, SOURCE).audit
+    assert audit.skip_users_containing == "[Automated]"
+    assert (audit.lockout_base_s, audit.checkpoint_records) == (30.0, 100)
+    with pytest.raises(ConfigError) as info:
+        parse_site(text.replace("base_s: 30,", "base_s: 3601,"), SOURCE)
+    assert info.value.key_path == "audit.lockout.max_s"

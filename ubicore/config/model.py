@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PROTECTIONS", "ROOT_CELL", "CellConfig", "CoreConfig", "Deployment", "HostConfig",
-           "InstancePlan", "SiteConfig"]
+__all__ = ["PROTECTIONS", "ROOT_CELL", "AuditConfig", "CellConfig", "CoreConfig", "Deployment",
+           "HostConfig", "InstancePlan", "SecurityConfig", "SiteConfig", "Threshold"]
 
 ROOT_CELL = "Site"
 PROTECTIONS = ("open", "update", "full")
@@ -96,6 +96,43 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Threshold:
+    """An alert threshold: ``count`` events (>= 1) within a sliding window of ``window_s`` seconds."""
+
+    count: int
+    window_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """The site file's ``audit`` section: what is audited, alert thresholds, lockout back-off,
+    checkpoints and where the audit key, the checkpoints and the spool live.
+
+    ``skip_users_containing`` is Ubisense's ``[Automated]`` filter: records whose principal
+    contains it are not audited. A failed-login lockout lasts ``lockout_base_s``, doubling
+    for each repeated lockout up to ``lockout_max_s``; a subject with no lockout for
+    ``lockout_forget_s`` starts again at the base. A checkpoint is signed every
+    ``checkpoint_records`` records or ``checkpoint_s`` seconds, whichever comes first.
+    The paths are absolute; ``None`` means ``<dataset>/audit/audit.key``,
+    ``<dataset>/audit/checkpoints`` and ``<dataset>/spool``.
+    """
+
+    skip_users_containing: str | None = None
+    failed_logins_per_user: Threshold = Threshold(5, 60.0)
+    failed_logins_per_address: Threshold = Threshold(20, 60.0)
+    denials_per_user: Threshold = Threshold(20, 60.0)
+    rejected_per_address: Threshold = Threshold(50, 60.0)
+    lockout_base_s: float = 30.0
+    lockout_max_s: float = 3600.0
+    lockout_forget_s: float = 3600.0
+    checkpoint_records: int = 100
+    checkpoint_s: float = 10.0
+    key_file: Path | None = None
+    checkpoint_file: Path | None = None
+    spool_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SiteConfig:
     """A parsed site file. ``cells`` iterates in depth-first tree order; ``instances``
     in deployment order, then tree order. Queries raise ``ValueError`` for unknown names."""
@@ -113,6 +150,8 @@ class SiteConfig:
     security: SecurityConfig = SecurityConfig()
     run_dir: Path | None = None
     """Where the instances' ipc sockets live on every host (None: ``<dataset>/run``)."""
+    audit: AuditConfig = AuditConfig()
+    """The ``audit`` section: thresholds, lockout, checkpoints, key and spool paths."""
 
     def _cell(self, name: str) -> CellConfig:
         cell = self.cells.get(name)

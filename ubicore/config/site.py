@@ -29,6 +29,17 @@ which schemas are deployed where::
       session_ttl_s: 3600           # a session lives this long, then clients log in again
       rotation_s: 3600              # full channels get a new group key this often
       rotate_after_messages: 2147483648   # ... and after this many events (< 2^32)
+    audit:                          # optional; every key optional (defaults shown)
+      skip_users_containing: "[Automated]"   # optional: principals containing this are not audited
+      failed_logins_per_user: {count: 5, window_s: 60}      # alert and lock the user out
+      failed_logins_per_address: {count: 20, window_s: 60}  # alert and lock the address out
+      denials_per_user: {count: 20, window_s: 60}           # alert only
+      rejected_per_address: {count: 50, window_s: 60}       # alert only (tampered, replayed, malformed)
+      lockout: {base_s: 30, max_s: 3600, forget_s: 3600}    # doubling back-off; forget after forget_s
+      checkpoint: {records: 100, seconds: 10}               # sign a checkpoint, whichever first
+      key_file: /srv/ubi-audit/audit.key        # default <dataset>/audit/audit.key
+      checkpoint_file: /srv/ubi-audit/checkpoints   # default <dataset>/audit/checkpoints
+      spool_dir: /srv/ubi-spool                 # default <dataset>/spool
     deployments:                    # optional list
       - schema: ULocationSystem::ConfigurationUpdate   # Module::Schema
         level: site                 # exactly one of level / cell
@@ -53,6 +64,12 @@ accounts log in locally, name a directory they can traverse, owned by the site's
 account with mode 0711 (``mkdir DIR; chown SITE-ACCOUNT: DIR; chmod 0711 DIR`` as root;
 docs/operators-guide.md, "OS users"; :mod:`ubicore.localipc`).
 
+In ``audit``, a threshold's ``count`` is an integer 1..100000 and every duration is
+seconds, 0 < s < 10^9; ``lockout.max_s`` is at least ``lockout.base_s``; ``checkpoint.records``
+is an integer 1..10^9; ``skip_users_containing`` is a non-empty string. ``key_file``,
+``checkpoint_file`` and ``spool_dir`` resolve like ``dataset``; the key file and the
+checkpoint file must differ (the key is kept apart from what it signs).
+
 Every problem is a :class:`~ubicore.errors.ConfigError` naming the file as given and
 the key path (``hosts.host-b.address``, ``deployments[1].schema``; ``""`` for the whole
 document). No ``yaml``, ``OSError`` or ``KeyError`` escapes :func:`load_site` or
@@ -75,6 +92,7 @@ import yaml  # PyYAML ships no stubs; only safe_load is used
 from ubicore.config.model import (
     PROTECTIONS,
     ROOT_CELL,
+    AuditConfig,
     CellConfig,
     CoreConfig,
     Deployment,
@@ -82,6 +100,7 @@ from ubicore.config.model import (
     InstancePlan,
     SecurityConfig,
     SiteConfig,
+    Threshold,
 )
 from ubicore.errors import ConfigError
 
@@ -92,6 +111,9 @@ __all__ = ["PROTECTIONS", "ROOT_CELL", "CellConfig", "CoreConfig", "Deployment",
            "InstancePlan", "SiteConfig", "load_site", "parse_site"]
 
 MAX_OPTION_DEPTH = 32
+MAX_THRESHOLD_COUNT = 100_000
+"""A threshold's window keeps up to ``count`` timestamps per subject: keep it modest."""
+MAX_SECONDS = 10**9
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -235,7 +257,7 @@ class _Parser:
 
     def site(self, doc: Any) -> SiteConfig:
         top = self.record(doc, "", ("site", "dataset", "core", "hosts", "cells"),
-                          ("imports", "levels", "deployments", "security", "run_dir"))
+                          ("imports", "levels", "deployments", "security", "run_dir", "audit"))
         name = self.name(top["site"], "site", "site")
         dataset = self.string(top["dataset"], "dataset")
         if not dataset or "\0" in dataset:
@@ -250,6 +272,7 @@ class _Parser:
         deployments, instances = self.deployments(top.get("deployments", []), cells, levels)
         security = self.security(top.get("security", {}))
         base = Path(self.file).parent
+        audit = self.audit(top.get("audit", {}), base)
         run_dir = None
         if "run_dir" in top:
             given = self.string(top["run_dir"], "run_dir")
@@ -262,7 +285,8 @@ class _Parser:
             name=name, source=Path(self.file),
             dataset=Path(os.path.abspath(base / dataset)), imports=imports, core=core,
             hosts=MappingProxyType(hosts), levels=levels, cells=MappingProxyType(cells),
-            deployments=deployments, instances=instances, security=security, run_dir=run_dir)
+            deployments=deployments, instances=instances, security=security, run_dir=run_dir,
+            audit=audit)
 
     def security(self, value: Any) -> SecurityConfig:
         keys = ("session_ttl_s", "rotation_s", "rotate_after_messages")
@@ -280,6 +304,71 @@ class _Parser:
                 self.fail("security.rotate_after_messages", f"expected an integer 1..2^32-1, got {v!r}")
             out["rotate_after_messages"] = v
         return SecurityConfig(**out)
+
+    def seconds(self, value: Any, path: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < MAX_SECONDS:
+            self.fail(path, f"expected seconds > 0, got {value!r}")
+        return float(value)
+
+    def integer(self, value: Any, path: str, low: int, high: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            self.fail(path, f"expected an integer {low}..{high}, got {value!r}")
+        return value
+
+    def path(self, value: Any, path: str, base: Path) -> Path:
+        given = self.string(value, path)
+        if not given or "\0" in given:
+            self.fail(path, "expected a non-empty path")
+        return Path(os.path.abspath(base / given))
+
+    def threshold(self, value: Any, path: str, default: Threshold) -> Threshold:
+        data = self.record(value, path, (), ("count", "window_s"))
+        count = (self.integer(data["count"], f"{path}.count", 1, MAX_THRESHOLD_COUNT)
+                 if "count" in data else default.count)
+        window_s = (self.seconds(data["window_s"], f"{path}.window_s")
+                    if "window_s" in data else default.window_s)
+        return Threshold(count, window_s)
+
+    def audit(self, value: Any, base: Path) -> AuditConfig:
+        thresholds = ("failed_logins_per_user", "failed_logins_per_address", "denials_per_user",
+                      "rejected_per_address")
+        paths = ("key_file", "checkpoint_file", "spool_dir")
+        data = self.record(value, "audit", (),
+                           ("skip_users_containing", *thresholds, "lockout", "checkpoint", *paths))
+        defaults = AuditConfig()
+        out: dict[str, Any] = {}
+        if "skip_users_containing" in data:
+            skip = self.string(data["skip_users_containing"], "audit.skip_users_containing")
+            if not skip:
+                self.fail("audit.skip_users_containing", "expected a non-empty string")
+            out["skip_users_containing"] = skip
+        for key in thresholds:
+            if key in data:
+                out[key] = self.threshold(data[key], f"audit.{key}", getattr(defaults, key))
+        lockout = self.record(data.get("lockout", {}), "audit.lockout", (),
+                              ("base_s", "max_s", "forget_s"))
+        for key in ("base_s", "max_s", "forget_s"):
+            if key in lockout:
+                out[f"lockout_{key}"] = self.seconds(lockout[key], f"audit.lockout.{key}")
+        base_s = out.get("lockout_base_s", defaults.lockout_base_s)
+        max_s = out.get("lockout_max_s", defaults.lockout_max_s)
+        if max_s < base_s:
+            key = "max_s" if "max_s" in lockout else "base_s"
+            self.fail(f"audit.lockout.{key}",
+                      f"lockout.max_s ({max_s:g}) must be at least lockout.base_s ({base_s:g})")
+        checkpoint = self.record(data.get("checkpoint", {}), "audit.checkpoint", (),
+                                 ("records", "seconds"))
+        if "records" in checkpoint:
+            out["checkpoint_records"] = self.integer(checkpoint["records"],
+                                                     "audit.checkpoint.records", 1, MAX_SECONDS)
+        if "seconds" in checkpoint:
+            out["checkpoint_s"] = self.seconds(checkpoint["seconds"], "audit.checkpoint.seconds")
+        for key in paths:
+            if key in data:
+                out[key] = self.path(data[key], f"audit.{key}", base)
+        if "key_file" in out and out["key_file"] == out.get("checkpoint_file"):
+            self.fail("audit.checkpoint_file", "must not be the key file (keep the key apart)")
+        return AuditConfig(**out)
 
     def unique_list(self, value: Any, path: str, what: str, pattern: re.Pattern[str],
                     allow_empty: bool) -> tuple[str, ...]:
