@@ -5,6 +5,7 @@
     UbiError                       root: catch this to catch everything ubicore means to raise
     ├── ConfigError                a site file is wrong; names the file and the key path
     ├── SchemaError                a schema declaration is wrong; names the schema and member
+    ├── CredentialsError           cached service credentials are missing, unsafe, damaged or out of date
     ├── ProtocolError              bytes that are not a valid ubicore message
     ├── StoreError                 the embedded database failed or holds foreign data
     ├── ConstraintViolation        an operation broke a relation's key or column rules
@@ -36,6 +37,7 @@ __all__ = [
     "CallTimeout",
     "ConfigError",
     "ConstraintViolation",
+    "CredentialsError",
     "DecryptionFailed",
     "NotFound",
     "PermissionDenied",
@@ -71,6 +73,12 @@ class ConfigError(UbiError):
 
 class SchemaError(UbiError):
     """Raised at import when a schema declaration is wrong. Fix the named member."""
+
+
+class CredentialsError(UbiError):
+    """Raised when a process's service credentials cannot be used (ubicore/credentials:
+    missing, unsafe, damaged, or out of date for the site). The message is one line that
+    names the file or the tool that fixes it, and never holds a secret."""
 
 
 class ProtocolError(UbiError):

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from ..errors import AuthenticationFailed, DecryptionFailed, UbiError
+from ..errors import AuthenticationFailed, CredentialsError, DecryptionFailed, UbiError
 from . import primitives as P
 from .primitives import DEFAULT_KDF, KdfParams, Rng, Secret
 
@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 
-class CredentialsOutOfDate(UbiError):
+class CredentialsOutOfDate(CredentialsError):
     """Raised when cached credentials were derived for another salt or Argon2 cost than the
     site now holds (the password was changed). Cache them again."""
 
