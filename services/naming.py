@@ -6,11 +6,20 @@ and to rebind when one restarts or moves. ``services`` holds the administration 
 of each planned instance: desired versus actual state, restarts, the last problem, as
 controllers report it. Both are rebuilt after a core restart: instances re-register and
 controllers re-report within one reconcile period.
+
+The registry is update-protected: anyone reads it (clients find services without
+logging in), but ``register``, ``deregister`` and ``report`` need a session whose user
+has update on ``UNaming::Registry`` (the factory policy gives it to the group
+``services``: service users with cached credentials, DESIGN.md §7). A registration
+below the level the site runs the schema at (its ``UPerm::Config`` level, else its
+deployment's, else its declaration's) is refused, so even a service user cannot talk
+clients of a protected schema into clear calls.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from ubicore.errors import BadArguments, NotFound, PermissionDenied
 from ubicore.protocol.messages import INSTANCE_ID_BYTES
@@ -18,7 +27,11 @@ from ubicore.schema import Column, Relation, Schema, read, update
 from ubicore.store import Transaction
 
 SCHEMA = "UNaming::Registry"
-CORE_MODULES = frozenset({"UNaming", "UPerm"})
+CORE_MODULES = frozenset({"UNaming", "UPerm", "UAudit"})
+LEVELS = ("open", "update", "full")
+
+LevelFloor = Callable[[str, str], "str | None"]
+"""(schema, cell) → the lowest level a registration may claim (None: no floor known)."""
 
 
 def _not_core(schema: str) -> None:
@@ -26,8 +39,11 @@ def _not_core(schema: str) -> None:
         raise PermissionDenied(f"{schema} is a core service: only the core registers it", {"groups": []})
 
 
-class Registry(Schema, name=SCHEMA, protection="open"):
+class Registry(Schema, name=SCHEMA, protection="update"):
     """The naming registry of a site."""
+
+    level_floor: LevelFloor | None = None
+    """Set by the core (ubicore/runtime.py): the level each (schema, cell) runs at."""
 
     instances = Relation(
         Column("schema", str),
@@ -74,6 +90,13 @@ class Registry(Schema, name=SCHEMA, protection="open"):
         _not_core(schema)
         if len(instance_id) != INSTANCE_ID_BYTES:
             raise BadArguments(f"instance_id must be {INSTANCE_ID_BYTES} bytes", {"argument": "instance_id"})
+        if protection not in LEVELS:
+            raise BadArguments(f"protection {protection!r}: one of {', '.join(LEVELS)}", {"argument": "protection"})
+        floor = self.level_floor(schema, cell) if self.level_floor is not None else None
+        if floor is not None and LEVELS.index(protection) < LEVELS.index(floor):
+            raise PermissionDenied(
+                f"refused: {schema} at {cell} runs at {floor} on this site; a registration at {protection} "
+                "would downgrade its clients", {"groups": []})
         tx.instances.upsert(
             schema=schema, cell=cell, host=host, rpc=rpc, events=events,
             instance_id=instance_id, protection=protection, pid=pid, started=time.time(), local=local,

@@ -434,5 +434,6 @@ def write_factory_policy(
         (ADMIN_GROUP, MODULE, DEFAULT, Right.UPDATE),  # (default, default) never reaches UPerm
         (EVERYONE_GROUP, DEFAULT, DEFAULT, Right.READ),
         (SERVICES_GROUP, MODULE, NAME, Right.READ),  # instances follow the policy
+        (SERVICES_GROUP, "UNaming", "Registry", Right.UPDATE),  # and register with naming
     ):
         tx.rules.insert(group=group, module=module, schema=schema, right=right.label)

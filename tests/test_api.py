@@ -44,7 +44,7 @@ def test_every_remote_error_code_round_trips() -> None:
                     reason="mypy is installed with the test extras")
 def test_library_is_typed_strictly() -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "ubicore", "services", "tools"],
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "ubicore", "services", "tools", "credentials"],
         cwd=ROOT, capture_output=True, text=True,
     )
     assert res.returncode == 0, res.stdout[-3000:]

@@ -1,13 +1,15 @@
 """The ``ubi`` command: thin click commands over the SDK and the process runners.
 
 Each command parses its options, calls the library and prints the outcome. The
-library's own errors become one line on stderr and exit status 1; usage mistakes exit 2
-(click). Nothing here prints a traceback.
+library's own errors become one line on stderr and exit status 1; unusable service
+credentials exit 78 (EX_CONFIG: supervisors do not restart the process); usage mistakes
+exit 2 (click). Nothing here prints a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import sys
@@ -19,7 +21,7 @@ import yaml
 
 from ubicore.client import Client
 from ubicore.config import SiteConfig, load_site
-from ubicore.errors import BadArguments, PermissionDenied, UbiError
+from ubicore.errors import BadArguments, CredentialsError, PermissionDenied, UbiError
 from ubicore.login import (
     CredentialProvider,
     CredentialsFile,
@@ -35,9 +37,12 @@ T = TypeVar("T")
 DEFAULT_SITE = "cells/demo.yaml"
 
 
-def _fail(message: str) -> None:
+EX_CONFIG = 78
+
+
+def _fail(message: str, status: int = 1) -> None:
     click.echo(f"ubi: {message}", err=True)
-    sys.exit(1)
+    sys.exit(status)
 
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
@@ -48,7 +53,7 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
         text = str(exc)
         if isinstance(exc, PermissionDenied):  # say who may: "This action requires an administrator."
             text = f"{exc.message}. {requirement(exc.groups)}"
-        _fail(f"{code}: {text}" if code else text)
+        _fail(f"{code}: {text}" if code else text, EX_CONFIG if isinstance(exc, CredentialsError) else 1)
     except KeyboardInterrupt:
         sys.exit(130)
     raise AssertionError("unreachable")
@@ -131,11 +136,45 @@ def cli(ctx: click.Context, site_path: str, log_level: str, user: str | None) ->
 # --- processes ----------------------------------------------------------------------------
 
 
+def _prompt(question: str, hide: bool) -> str:
+    answer: str = click.prompt(question, hide_input=hide, err=True)
+    return answer
+
+
+def _service_credentials(
+    site: SiteConfig, daemon: bool, credentials_stdin: bool, check: str = "online"
+) -> tuple[Any, bytes | None]:
+    """(Credentials, what to hand children) of a controller, an instance or ``site up``:
+    on standard input from a parent, from credentials.dat, or (not ``daemon``, in a
+    terminal) asked for and checked (``check``: online or offline)."""
+    service: Any = importlib.import_module("ubicore.credentials.service")
+    interactive = not daemon and not credentials_stdin and sys.stdin.isatty()
+    try:
+        found: tuple[Any, bytes | None] = service.obtain(
+            site, daemon=not interactive, from_stdin=credentials_stdin, prompt=_prompt if interactive else None,
+            check=check)
+        return found
+    except (UbiError, ValueError) as exc:
+        _fail(str(exc), EX_CONFIG if isinstance(exc, CredentialsError) else 1)
+    except (KeyboardInterrupt, click.Abort):
+        sys.exit(130)
+    raise AssertionError("unreachable")
+
+
+daemon_option = click.option("-d", "--daemon", "daemon", is_flag=True,
+                             help="Never prompt: log in with the cached service credentials (ubi-cache-credentials) "
+                                  "or exit with status 78.")
+stdin_option = click.option("--credentials-stdin", is_flag=True, hidden=True,
+                            help="Read the service credentials a parent hands over on standard input.")
+
+
 @cli.command()
 @click.option("--parent-pid", type=int, default=None, hidden=True, help="Stop when this process is gone.")
+@daemon_option
 @click.pass_context
-def core(ctx: click.Context, parent_pid: int | None) -> None:
-    """Run the core services of the site (naming)."""
+def core(ctx: click.Context, parent_pid: int | None, daemon: bool) -> None:
+    """Run the core services of the site (naming, the security policy). The core holds
+    the policy itself and logs in nowhere: it never prompts, with or without -d."""
     from ubicore.controller import run_core
 
     site = _site(ctx)
@@ -145,26 +184,37 @@ def core(ctx: click.Context, parent_pid: int | None) -> None:
 @cli.command()
 @click.option("--host", required=True, help="The host of the site file this controller runs.")
 @click.option("--parent-pid", type=int, default=None, hidden=True, help="Stop when this process is gone.")
+@daemon_option
+@stdin_option
 @click.pass_context
-def controller(ctx: click.Context, host: str, parent_pid: int | None) -> None:
-    """Run, restart and report the instances of one host."""
+def controller(ctx: click.Context, host: str, parent_pid: int | None, daemon: bool, credentials_stdin: bool) -> None:
+    """Run, restart and report the instances of one host, logged in as the site's
+    service user: with the credentials cached by ubi-cache-credentials, else (without
+    -d, in a terminal) a service user and password asked for once."""
     from ubicore.controller import run_controller
 
     site = _site(ctx)
-    _run(lambda: _until_signalled(lambda stop: run_controller(site, host, stop, parent_pid=parent_pid)))
+    if host not in site.hosts:
+        _fail(f"{site.source}: hosts: no host {host!r}; hosts are {', '.join(site.hosts)}")
+    creds, handoff = _service_credentials(site, daemon, credentials_stdin)
+    _run(lambda: _until_signalled(lambda stop: run_controller(site, host, stop, credentials=creds, handoff=handoff,
+                                                              parent_pid=parent_pid)))
 
 
 @cli.command(hidden=True)
 @click.argument("schema")
 @click.argument("cell")
 @click.option("--parent-pid", type=int, default=None, hidden=True, help="Stop when this process is gone.")
+@stdin_option
 @click.pass_context
-def instance(ctx: click.Context, schema: str, cell: str, parent_pid: int | None) -> None:
-    """Run one instance (controllers start these)."""
+def instance(ctx: click.Context, schema: str, cell: str, parent_pid: int | None, credentials_stdin: bool) -> None:
+    """Run one instance (controllers start these). It never prompts."""
     from ubicore.controller import run_instance
 
     site = _site(ctx)
-    _run(lambda: _until_signalled(lambda stop: run_instance(site, schema, cell, stop, parent_pid=parent_pid)))
+    creds, _ = _service_credentials(site, True, credentials_stdin)
+    _run(lambda: _until_signalled(lambda stop: run_instance(site, schema, cell, stop, parent_pid=parent_pid,
+                                                            credentials=creds)))
 
 
 @cli.group()
@@ -174,21 +224,33 @@ def site() -> None:
 
 @site.command("up")
 @click.argument("file", required=False)
+@daemon_option
 @click.pass_context
-def site_up(ctx: click.Context, file: str | None) -> None:
-    """Bring up the core and a controller for every host of FILE, until Ctrl-C."""
+def site_up(ctx: click.Context, file: str | None, daemon: bool) -> None:
+    """Bring up the core and a controller for every host of FILE, until Ctrl-C. The
+    controllers log in with the service credentials cached in the dataset; without a
+    cache (and without -d, in a terminal) a service user and password are asked for
+    once, checked against the dataset's policy and handed to them in memory."""
     from ubicore.controller import run_site
+    from ubicore.runtime import check_initialised
 
     if file is not None:
         ctx.obj["site_path"] = file
     cfg = _site(ctx)
+    try:
+        check_initialised(cfg)
+    except UbiError as exc:
+        _fail(str(exc))
+    handoff = None
+    if cfg.instances:  # the whole site runs here, with its policy: a prompt's answer is checked offline
+        _, handoff = _service_credentials(cfg, daemon, False, check="offline")
 
     def on_up(missing: Any) -> None:
         if missing:
             click.echo(f"not up in time: {', '.join(missing)}", err=True)
         click.echo(f"site {cfg.name} up: {len(cfg.instances)} instances on {len(cfg.hosts)} hosts; Ctrl-C stops it")
 
-    _run(lambda: _until_signalled(lambda stop: run_site(cfg, stop, on_up=on_up)))
+    _run(lambda: _until_signalled(lambda stop: run_site(cfg, stop, on_up=on_up, handoff=handoff)))
     click.echo(f"site {cfg.name} stopped")
 
 
@@ -199,14 +261,20 @@ def site_up(ctx: click.Context, file: str | None) -> None:
 @click.option("--kdf-t", type=int, default=None, help="Argon2id passes of new passwords (default 3).")
 @click.option("--kdf-p", type=int, default=None, help="Argon2id lanes (default 4).")
 @click.option("--kdf-m-kib", type=int, default=None, help="Argon2id memory in KiB (default 65536).")
+@click.option("--service-user", default="site-service", show_default=True,
+              help="The service user whose credentials are cached in the dataset for this host's controllers.")
+@click.option("--no-service-user", is_flag=True, help="Make no service user (cache one later with ubi-cache-credentials).")
 @click.pass_context
 def site_init(ctx: click.Context, file: str | None, admin: str, generate_password: bool, kdf_t: int | None,
-              kdf_p: int | None, kdf_m_kib: int | None) -> None:
+              kdf_p: int | None, kdf_m_kib: int | None, service_user: str, no_service_user: bool) -> None:
     """Create FILE's dataset and its security model: the administrator ADMIN (password
     from $UBI_NEW_PASSWORD, --generate-password or a hidden prompt, twice), the user
-    default (no password, reads), this OS account as the site's service user, and the
-    groups admin, everyone and services. Run once, before the first 'ubi site up'."""
-    from ubicore.runtime import current_os_user, init_site, perm_path
+    default (no password, reads), this OS account as an OS user of the site, the groups
+    admin, everyone and services, and the service user SERVICE_USER (in services) with a
+    random password kept nowhere: its credentials are cached in the dataset's
+    credentials.dat, so 'ubi site up' and 'ubi controller -d' run on this host at once.
+    Run once, before the first 'ubi site up'."""
+    from ubicore.runtime import cache_tool_hint, current_os_user, init_site, perm_path
     from ubicore.security.primitives import KdfParams
 
     from .passwords import new_password, show_generated
@@ -224,7 +292,8 @@ def site_init(ctx: click.Context, file: str | None, admin: str, generate_passwor
         _fail(f"Argon2id costs: {exc}")
     password, generated = new_password(admin, generate_password)
     try:
-        made = init_site(cfg, password(), admin_user=admin, kdf=kdf, os_user=current_os_user())
+        made = init_site(cfg, password(), admin_user=admin, kdf=kdf, os_user=current_os_user(),
+                         service_user=None if no_service_user else service_user)
     except ValueError as exc:  # a user name make_verifier refuses
         _fail(str(exc))
     except UbiError as exc:
@@ -232,6 +301,13 @@ def site_init(ctx: click.Context, file: str | None, admin: str, generate_passwor
     if not made:
         _fail(f"site {cfg.name} is initialised already ({perm_path(cfg)}); change it with 'ubi security'")
     click.echo(_policy_summary(cfg))
+    if not no_service_user:
+        click.echo(f"\nservice user {service_user}: credentials cached in {cfg.dataset / 'credentials.dat'} (its "
+                   "password is random and kept nowhere; for another host, set one with 'ubi security users passwd "
+                   f"{service_user}' and {cache_tool_hint(cfg)} there, or copy the file "
+                   "with ubi-cache-credentials --copy-to)")
+    else:
+        click.echo(f"\nno service user: add one to the group services, then {cache_tool_hint(cfg)}")
     if generated:
         show_generated(admin, password())
 

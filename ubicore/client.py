@@ -41,6 +41,8 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 5.0
 NAMING_SCHEMA = "UNaming::Registry"
 NAMING_CELL = "Site"
+NAMING_LEVEL = "update"
+"""Naming is read by anyone and updated by service users only (services/naming.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +98,7 @@ class Client:
         self._login_lock = asyncio.Lock()
         self.sessions = SessionManager(credentials, site=site)
         self._local = self.sessions.credentials.is_local
-        self._naming_binding = Binding(NAMING_SCHEMA, NAMING_CELL, core_rpc, core_events)
+        self._naming_binding = Binding(NAMING_SCHEMA, NAMING_CELL, core_rpc, core_events, protection=NAMING_LEVEL)
         self._conns: dict[str, RpcConnection] = {}
         self._naming: Cache | None = None
         self._naming_lock: asyncio.Lock | None = None
@@ -255,7 +257,7 @@ class Client:
         """
         if (schema, cell) == (NAMING_SCHEMA, NAMING_CELL):
             b = self._naming_binding
-            return ServiceInfo(schema, cell, "", b.rpc, b.events, b.instance_id, "open", 0, 0.0)
+            return ServiceInfo(schema, cell, "", b.rpc, b.events, b.instance_id, NAMING_LEVEL, 0, 0.0)
         row = await self._registration(cell, schema, wait_s, timeout_s)
         return ServiceInfo(row.schema, row.cell, row.host, row.rpc, row.events, row.instance_id, row.protection,
                            row.pid, row.started, getattr(row, "local", ""))
@@ -316,7 +318,7 @@ class Client:
         deadline = time.monotonic() + timeout
         row: Any = None
         if (schema, cell) == (NAMING_SCHEMA, NAMING_CELL):
-            rpc, level = self._naming_binding.rpc, "open"
+            rpc, level = self._naming_binding.rpc, NAMING_LEVEL
         else:  # the endpoint and level are all a call needs: no ServiceInfo built per call
             row = await self._registration(cell, schema, 0.0, timeout)
             rpc, level = self._rpc(row), row.protection
@@ -378,6 +380,23 @@ class Client:
         return group
 
     # --- following --------------------------------------------------------------------------
+
+    async def login(self, cell: str, schema: str, *, timeout_s: float | None = None) -> str:
+        """Log in to (schema, cell) now, if no live session is held, and return who the
+        client is logged in as: a check of the client's credentials. Raises
+        AuthenticationFailed (or CredentialsOutOfDate) when they are refused, and
+        AuthenticationFailed too when the instance is open (it takes no logins)."""
+        deadline = self._deadline(timeout_s)
+        if (schema, cell) == (NAMING_SCHEMA, NAMING_CELL):
+            rpc, level = self._naming_binding.rpc, NAMING_LEVEL
+        else:
+            row = await self._registration(cell, schema, 0.0, self._remaining(deadline))
+            rpc, level = self._rpc(row), row.protection
+        if level == "open":
+            raise AuthenticationFailed(f"{schema} at {cell} is open: it takes no logins")
+        if self.sessions.current(rpc, schema, cell) is None:
+            await self.sessions.session(self._connection(rpc), schema, cell, self._remaining(deadline))
+        return self.user
 
     async def cache(self, cell: str, schema: str, *, timeout_s: float | None = None) -> Cache:
         """Join (schema, cell) and keep a live local copy of its relations."""

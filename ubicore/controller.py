@@ -7,6 +7,13 @@ a restarted core learns it again. :func:`run_site` is ``ubi site up``: the core 
 controller per host, all on this machine, supervised the same way. :func:`run_core` and
 :func:`run_instance` are the bodies of ``ubi core`` and ``ubi instance``.
 
+Controllers and instances log in as the site's service user (ubicore/credentials):
+with the credentials cached in the dataset, or with ones a parent obtained from a
+prompt and hands its children on their standard input. A controller checks them
+against naming before it starts anything, and exits with ``EX_CONFIG`` (78, which its
+supervisor does not restart) and one line naming ``ubi-cache-credentials`` when the
+site refuses them.
+
 Every process stops cleanly on SIGINT or SIGTERM, and (when told its parent supervises
 it) when its parent disappears, so nothing is orphaned even after a SIGKILL upstream.
 """
@@ -22,8 +29,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from .client import NAMING_CELL, NAMING_SCHEMA, Client
 from .config.model import SiteConfig
-from .errors import ConfigError, RemoteError
-from .runtime import check_initialised, resolve_schema, serve_core, serve_instance
+from .errors import AuthenticationFailed, CallTimeout, ConfigError, CredentialsError, RemoteError, Unavailable
+from .runtime import cache_tool_hint, check_initialised, resolve_schema, serve_core, serve_instance
+from .sessions import Credentials
 from .supervisor import Child, Supervisor, watch_parent
 
 log = logging.getLogger(__name__)
@@ -65,14 +73,15 @@ async def run_core(site: SiteConfig, stop: asyncio.Event, *, parent_pid: int | N
 
 
 async def run_instance(
-    site: SiteConfig, schema: str, cell: str, stop: asyncio.Event, *, parent_pid: int | None = None
+    site: SiteConfig, schema: str, cell: str, stop: asyncio.Event, *, parent_pid: int | None = None,
+    credentials: Credentials | None = None,
 ) -> None:
     plan = site.instance(schema, cell)
     if plan is None:
         raise ConfigError(str(site.source), "deployments", f"no deployment runs {schema} at {cell}")
     async with _watching_parent(stop, parent_pid), contextlib.AsyncExitStack() as stack:
         # An instance waits for the site's policy before it serves; a stop meanwhile ends the wait.
-        entering = asyncio.ensure_future(stack.enter_async_context(serve_instance(site, plan)))
+        entering = asyncio.ensure_future(stack.enter_async_context(serve_instance(site, plan, credentials=credentials)))
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait([entering, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -90,17 +99,21 @@ async def run_instance(
 class HostController:
     """Runs and reports the instances of one host."""
 
-    def __init__(self, site: SiteConfig, host: str) -> None:
+    def __init__(
+        self, site: SiteConfig, host: str, credentials: Credentials, handoff: bytes | None = None
+    ) -> None:
         if host not in site.hosts:
             raise ConfigError(str(site.source), "hosts", f"no host {host!r}; hosts are {', '.join(site.hosts)}")
         self.site = site
         self.host = host
         self.plans = {f"{p.schema}@{p.cell}": p for p in site.instances_for_host(host)}
-        self.client = Client.for_site(site, timeout_s=2.0)
+        self.client = Client.for_site(site, timeout_s=2.0, credentials=credentials)
         self.supervisor = Supervisor(self._report)
         self.stopping = False
+        handed = ("--credentials-stdin",) if handoff is not None else ()
         for name, plan in self.plans.items():
-            self.supervisor.add(name, ubi_argv(site, "instance", plan.schema, plan.cell, *_child_of_me()))
+            self.supervisor.add(name, ubi_argv(site, "instance", plan.schema, plan.cell, *handed, *_child_of_me()),
+                                stdin=handoff)
 
     async def _report(self, child: Child) -> None:
         plan = self.plans[child.name]
@@ -150,12 +163,48 @@ class HostController:
             await self.client.close()
 
 
-async def run_controller(site: SiteConfig, host: str, stop: asyncio.Event, *, parent_pid: int | None = None) -> None:
-    controller = HostController(site, host)
+async def run_controller(
+    site: SiteConfig, host: str, stop: asyncio.Event, *, credentials: Credentials, handoff: bytes | None = None,
+    parent_pid: int | None = None,
+) -> None:
+    """``ubi controller``: check ``credentials`` against naming (waiting for the core),
+    then run the host's instances until ``stop``. ``handoff``: what its instances get on
+    their standard input instead of reading the cache."""
+    controller = HostController(site, host, credentials, handoff)
     for plan in controller.plans.values():
         resolve_schema(site, plan.schema)  # a bad deployment fails here, not in a crash loop
     async with _watching_parent(stop, parent_pid):
-        await controller.run(stop)
+        try:
+            await wait_for_login(controller.client, site, stop)
+        except BaseException:
+            await controller.client.close()
+            raise
+        if not stop.is_set():
+            await controller.run(stop)
+        else:
+            await controller.client.close()
+
+
+async def wait_for_login(client: Client, site: SiteConfig, stop: asyncio.Event | None = None) -> None:
+    """Log in to naming with ``client``'s credentials, waiting while the core does not
+    answer: a process checks its service credentials before it starts anything.
+    CredentialsError (naming the tool to run) when the site refuses them."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    warned = False
+    while stop is None or not stop.is_set():
+        try:
+            await client.login(NAMING_CELL, NAMING_SCHEMA, timeout_s=2.0)
+            log.info("logged in to site %s as the service user %s", site.name, client.user)
+            return
+        except (CallTimeout, Unavailable) as exc:
+            if not warned and loop.time() - started > 10.0:
+                log.warning("waiting for the core of site %s to check the service credentials: %s", site.name, exc)
+                warned = True
+            await asyncio.sleep(0.25)
+        except AuthenticationFailed as exc:
+            raise CredentialsError(f"site {site.name} refused the service credentials of {client.user} "
+                                   f"({exc.message}): {cache_tool_hint(site)}") from None
 
 
 async def wait_until_up(site: SiteConfig, timeout_s: float, client: Client | None = None) -> list[str]:
@@ -188,8 +237,11 @@ async def run_site(
     *,
     on_up: Callable[[Sequence[str]], None] | None = None,
     up_timeout_s: float = 30.0,
+    handoff: bytes | None = None,
 ) -> None:
-    """``ubi site up``: the core and a controller per host, until ``stop`` is set."""
+    """``ubi site up``: the core and a controller per host, until ``stop`` is set. The
+    controllers run with ``-d`` on the cached service credentials, or get ``handoff``
+    (credentials a prompt obtained) on their standard input."""
     check_initialised(site)
     for plan in site.instances:
         resolve_schema(site, plan.schema)
@@ -200,7 +252,9 @@ async def run_site(
     hosts = Supervisor()
     for host in site.hosts:
         if site.instances_for_host(host):
-            hosts.add(f"controller {host}", ubi_argv(site, "controller", "--host", host, *_child_of_me()))
+            how = ("--credentials-stdin",) if handoff is not None else ("-d",)
+            hosts.add(f"controller {host}", ubi_argv(site, "controller", "--host", host, *how, *_child_of_me()),
+                      stdin=handoff)
     core.start()
     hosts.start()
     try:

@@ -24,7 +24,8 @@ from .cache import Cache
 from .client import NAMING_CELL, NAMING_SCHEMA, Client
 from .config.model import InstancePlan, SiteConfig
 from .dispatch import InstanceCore
-from .errors import AuthenticationFailed, ConfigError, RemoteError, SchemaError
+from .errors import AuthenticationFailed, ConfigError, PermissionDenied, RemoteError, SchemaError
+from .security.amp import CredentialsOutOfDate
 from .schema import Protection, Schema, registered_schemas
 from .security.model import PolicyModel
 from .security.policy import DEFAULT_USER, PolicySource, SecurityPolicy, StaticPolicy
@@ -43,6 +44,8 @@ BUILTIN_SERVICE_MODULES = (
 )
 REGISTRATION_CHECK_S = 2.0
 PERM_SCHEMA = "UPerm::Config"
+SERVICE_USER = "site-service"
+"""The service user ``ubi site init --service-user`` and the test harnesses make."""
 POLICY_WATCH_S = 0.25
 POLICY_STALE_WARN_S = 10.0
 
@@ -96,12 +99,18 @@ def init_site(
     admin_user: str = "administrator",
     kdf: KdfParams = DEFAULT_KDF,
     os_user: tuple[str, int] | None = None,
+    service_user: str | None = SERVICE_USER,
 ) -> bool:
     """Create the site's dataset and its factory policy (``services/perm.py``): the
     administrator (a member of ``admin``), ``default`` (empty password), the groups
-    ``admin``, ``everyone`` and ``services``, and ``os_user`` (name, uid: the account the
-    site's services run as) in ``services``. False if the site was initialised already."""
-    from .security.amp import make_verifier
+    ``admin``, ``everyone`` and ``services``, ``os_user`` (name, uid: the account the
+    site's services run as) in ``services``, and the service user ``service_user`` (in
+    ``services``) whose credentials are cached in the dataset's ``credentials.dat`` for
+    this host's controllers: its password is random and kept nowhere. False if the site
+    was initialised already."""
+    import secrets
+
+    from .security.amp import make_verifier, password_scalar
 
     load_schemas(site)
     perm = importlib.import_module("ubicore.services.perm")
@@ -116,11 +125,39 @@ def init_site(
         default = make_verifier(DEFAULT_USER, site.name, "", kdf)
         tx = store.transaction()
         perm.write_factory_policy(tx, site.name, kdf, admin, default, os_user)
+        cached = None
+        if service_user is not None:
+            password = secrets.token_urlsafe(24)
+            rec = make_verifier(service_user, site.name, password, kdf)
+            tx.users.insert(name=service_user, kind="service", salt=rec.salt, verifier=rec.verifier, kdf_t=kdf.t,
+                            kdf_p=kdf.p, kdf_m_kib=kdf.m_kib, description="the service user of this site's processes")
+            tx.members.insert(user=service_user, group="services", cell=NAMING_CELL)
+            cached = (rec, password_scalar(password, service_user, site.name, rec.salt, kdf))
         tx.commit()
         os.chmod(perm_path(site), 0o600)
-        return True
     finally:
         store.close()
+    if cached is not None:
+        cache = importlib.import_module("ubicore.credentials.cache")
+        rec, pi = cached
+        cache.store_credential(cache.cache_path(site.dataset), cache.CachedCredential(
+            site.name, rec.user, rec.salt, rec.params, pi, time.time(), "offline"))
+    return True
+
+
+def add_service_user(site: SiteConfig, name: str, password: str, *, kdf: KdfParams | None = None,
+                     description: str = "a service user of this site's controllers and instances") -> None:
+    """Add the service user ``name`` (a member of ``services``) to the policy while the
+    core is down (``site init``, the demo, the test harnesses). Its password is what
+    ``ubi-cache-credentials`` then caches on each host."""
+    from .security.amp import make_verifier
+
+    with offline_policy(site) as (obj, tx):
+        site_row = next(iter(tx.site))
+        params = kdf or KdfParams(site_row.kdf_t, site_row.kdf_p, site_row.kdf_m_kib)
+        rec = make_verifier(name, site.name, password, params)
+        obj.add_user(tx, name, kind="service", salt=rec.salt, verifier=rec.verifier, t=params.t, p=params.p,
+                     m_kib=params.m_kib, description=description, groups=["services"])
 
 
 @contextlib.contextmanager
@@ -200,6 +237,7 @@ async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT
     except BaseException:
         perm_core.store.close()
         raise
+    core.obj.level_floor = lambda schema, cell: level_floor(site, source, schema, cell)  # type: ignore[attr-defined]
     server = InstanceServer(
         core, address=site.core.address, rpc_port=site.core.rpc_port, event_port=site.core.event_port,
         heartbeat_s=heartbeat_s, local=ipc_endpoint(site, NAMING_SCHEMA, NAMING_CELL),
@@ -227,6 +265,34 @@ async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT
     finally:
         await server.stop()
         await perm_server.stop()
+
+
+CACHE_TOOL = "ubi-cache-credentials"
+
+
+def cache_tool_hint(site: SiteConfig) -> str:
+    """What an operator runs when a process has no usable service credentials."""
+    return f"run '{CACHE_TOOL} --site {site.source}'"
+
+
+def cached_service_credentials(site: SiteConfig) -> Credentials:
+    """The service credentials cached in the site's dataset (ubicore/credentials)."""
+    found: Credentials = importlib.import_module("ubicore.credentials.service").service_credentials(site)
+    return found
+
+
+def level_floor(site: SiteConfig, source: PolicySource, schema: str, cell: str) -> str | None:
+    """The level (schema, cell) runs at on this site, as naming holds registrations to
+    it: the policy's level for the schema, else its deployment's, else its declaration's
+    (None if the core knows none of them)."""
+    level = source.model.level(schema) if "::" in schema else None
+    if level is not None:
+        return level.value
+    plan = site.instance(schema, cell) if cell in site.cells else None
+    if plan is not None and plan.protection:
+        return plan.protection
+    cls = registered_schemas().get(schema)
+    return cls.default_protection.value if cls is not None else None
 
 
 def feed_policy(source: PolicySource, rows: Callable[[str], Iterable[Any]], parents: dict[str, str | None]) -> None:
@@ -286,16 +352,19 @@ async def _keep_registered(client: Client, plan: InstancePlan, server: InstanceS
                     or row.protection != server.core.protection.value):  # type: ignore[attr-defined]
                 await _register(client, plan, server)
                 log.info("%s@%s registered with naming (%s)", plan.schema, plan.cell, server.core.protection.value)
-        except RemoteError as exc:
-            log.warning("%s@%s: naming unreachable (%s); retrying", plan.schema, plan.cell, exc)
+        except PermissionDenied as exc:
+            log.error("%s@%s: naming refused the registration (%s); retrying", plan.schema, plan.cell, exc.message)
+        except (RemoteError, CredentialsOutOfDate) as exc:
+            log.warning("%s@%s: naming unreachable or refusing us (%s); retrying", plan.schema, plan.cell, exc)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(wake.wait(), REGISTRATION_CHECK_S)
 
 
 class PolicyFollower:
     """An instance's policy: a cache of ``UPerm::Config`` fed into a :class:`PolicySource`,
-    joined as the OS user of this account over the core's ipc endpoint (DESIGN.md §6:
-    every instance follows the policy as a caching client)."""
+    joined with ``client`` (logged in as the process's service user; without one, as the
+    OS user of this account over the core's ipc endpoint). DESIGN.md §6: every instance
+    follows the policy as a caching client."""
 
     def __init__(self, site: SiteConfig, client: Client | None = None) -> None:
         self.site = site
@@ -317,6 +386,8 @@ class PolicyFollower:
             try:
                 self._cache = await self._client.cache(NAMING_CELL, PERM_SCHEMA)
                 break
+            except CredentialsOutOfDate:
+                raise  # only an operator fixes that (ubi-cache-credentials)
             except (RemoteError, ConfigError) as exc:
                 if not warned and loop.time() - started > warn_after_s:
                     log.warning("waiting for the site's security policy: %s", exc)
@@ -393,18 +464,23 @@ class PolicyFollower:
 @contextlib.asynccontextmanager
 async def serve_instance(
     site: SiteConfig, plan: InstancePlan, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S,
-    policy: SecurityPolicy | None = None,
+    policy: SecurityPolicy | None = None, credentials: Credentials | None = None,
 ) -> AsyncIterator[InstanceServer]:
-    """Run one planned instance, registered with naming, while the block runs. Without
-    ``policy`` it follows the site's ``UPerm::Config`` (and waits for it first)."""
+    """Run one planned instance, registered with naming, while the block runs. It logs
+    in as ``credentials`` (default: the service credentials cached in the site's
+    dataset, ubicore/credentials; CredentialsMissing when there are none) to register
+    and, without ``policy``, to follow the site's ``UPerm::Config`` (it waits for it
+    first; CredentialsOutOfDate when the site refuses the cache)."""
     schema = resolve_schema(site, plan.schema)
+    client = Client.for_site(site, credentials=credentials or cached_service_credentials(site))
     follower: PolicyFollower | None = None
     if policy is None:
-        follower = PolicyFollower(site)
+        follower = PolicyFollower(site, client)
         try:
             await follower.start()
         except BaseException:
             await follower.close()
+            await client.close()
             raise
     active: SecurityPolicy = policy if policy is not None else follower.source.policy()  # type: ignore[union-attr]
     try:
@@ -415,8 +491,8 @@ async def serve_instance(
     except BaseException:
         if follower is not None:
             await follower.close()
+        await client.close()
         raise
-    client = Client.for_site(site)
     keeper = asyncio.create_task(_keep_registered(client, plan, server))
     try:
         yield server
@@ -429,7 +505,7 @@ async def serve_instance(
                 NAMING_CELL, NAMING_SCHEMA, "deregister", timeout_s=1.0,
                 schema=plan.schema, cell=plan.cell, instance_id=core.instance_id,
             )
-        await client.close()
         await server.stop()
         if follower is not None:
             await follower.close()
+        await client.close()

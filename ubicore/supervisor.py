@@ -3,7 +3,11 @@
 Used twice: a controller supervises the instances of its host, and ``ubi site up``
 supervises the core and the controllers. A child that exits while it should run is
 restarted after a back-off that doubles up to ``MAX_BACKOFF_S`` and resets once the
-child has stayed up for ``STABLE_S``. Stopping sends SIGTERM to every child, waits
+child has stayed up for ``STABLE_S``; one that exits with ``EX_CONFIG`` (78: its
+configuration or credentials are unusable, which only an operator can fix) is not
+restarted and stays ``failed``. A child may be handed bytes on its standard input (the
+service credentials a prompt obtained: never on a command line or in the environment).
+Stopping sends SIGTERM to every child, waits
 ``grace_s`` and kills whatever is left, so no process outlives its supervisor's stop.
 Children are told their supervisor's pid on their command line (``--parent-pid``) and
 stop when it is gone, which covers a supervisor killed with SIGKILL, even during the
@@ -19,10 +23,12 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
+EX_CONFIG = 78
+"""sysexits' EX_CONFIG: the exit status of a child that must not be restarted."""
 MIN_BACKOFF_S = 0.25
 MAX_BACKOFF_S = 10.0
 STABLE_S = 30.0
@@ -35,7 +41,8 @@ class Child:
 
     name: str
     argv: Sequence[str]
-    state: str = "stopped"  # starting | running | crashed | stopping | stopped
+    state: str = "stopped"  # starting | running | crashed | failed | stopping | stopped
+    stdin: bytes | None = field(default=None, repr=False)  # handed to each start (secrets: never shown)
     restarts: int = 0
     last_exit: int | None = None
     proc: asyncio.subprocess.Process | None = None
@@ -68,8 +75,8 @@ class Supervisor:
         self._stopping = False
         self._watchers: list[asyncio.Task[None]] = []
 
-    def add(self, name: str, argv: Sequence[str]) -> Child:
-        child = Child(name, list(argv))
+    def add(self, name: str, argv: Sequence[str], *, stdin: bytes | None = None) -> Child:
+        child = Child(name, list(argv), stdin=stdin)
         self.children[name] = child
         return child
 
@@ -88,9 +95,15 @@ class Supervisor:
         # then stops its children in order (children watch their parent's pid in case it
         # dies without doing so).
         child.proc = await asyncio.create_subprocess_exec(
-            *child.argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True, env=child_environment()
+            *child.argv, stdin=asyncio.subprocess.DEVNULL if child.stdin is None else asyncio.subprocess.PIPE,
+            start_new_session=True, env=child_environment()
         )
         child.started_at = time.monotonic()
+        if child.stdin is not None and child.proc.stdin is not None:
+            with contextlib.suppress(ConnectionError):
+                child.proc.stdin.write(child.stdin)
+                await child.proc.stdin.drain()
+            child.proc.stdin.close()
         await self._set(child, "starting")
 
     async def _watch(self, child: Child) -> None:
@@ -106,6 +119,11 @@ class Supervisor:
                 child.last_exit = code
                 if self._stopping:
                     break
+                if code == EX_CONFIG:
+                    log.error("%s exited with status %d (unusable configuration or credentials; see its "
+                              "message above): not restarting it", child.name, code)
+                    await self._set(child, "failed")
+                    return
                 if time.monotonic() - child.started_at > STABLE_S:
                     child.backoff_s = MIN_BACKOFF_S
                 log.warning("%s exited with %s; restarting in %.2f s", child.name, code, child.backoff_s)

@@ -22,7 +22,7 @@ from ubicore.services.perm import Config, build_model, write_factory_policy
 
 from ubicore.config import parse_site
 from ubicore.errors import BadArguments, NotFound, RemoteError
-from ubicore.runtime import current_os_user, init_site, offline_policy, perm_path
+from ubicore.runtime import SERVICE_USER, current_os_user, init_site, offline_policy, perm_path
 from ubicore.schema import Protection
 from ubicore.security.amp import VerifierRecord, make_verifier
 from ubicore.security.model import PolicyModel
@@ -41,6 +41,7 @@ FACTORY_RULES = {
     ("admin", "UPerm", "default", "update"),
     ("everyone", "default", "default", "read"),
     ("services", "UPerm", "Config", "read"),
+    ("services", "UNaming", "Registry", "update"),
 }
 
 
@@ -446,8 +447,10 @@ def test_init_site_and_offline_policy(tmp_path: Path) -> None:
     assert stat.S_IMODE(perm_path(site).stat().st_mode) == 0o600
     with offline_policy(site) as (obj, tx):
         m = build_model(lambda rel: tx[rel], obj.options["cells"]).model
-        assert {u.name for u in m.users.values()} == {"administrator", "default", me}
+        assert {u.name for u in m.users.values()} == {"administrator", "default", me, SERVICE_USER}
         assert m.os_user(uid) is not None and m.right(me, PERM, "Site") is Right.READ
+        assert m.users[SERVICE_USER].kind == "service" and m.right(SERVICE_USER, PERM, "Site") is Right.READ
+        assert m.right(SERVICE_USER, "UNaming::Registry", "Site") is Right.UPDATE
         assert m.right("administrator", CONFIG_UPDATE, "Zone-B") is Right.UPDATE
         type(obj).add_user(obj, tx, name="alice", groups=["everyone"], **pw_args("alice"))
         type(obj).add_member(obj, tx, user="alice", group="admin", cell="Zone-B")  # a cell of the site file

@@ -19,7 +19,7 @@ import zmq.asyncio
 
 import ubicore.security.guard as guard_module
 from ubicore.client import NAMING_CELL, NAMING_SCHEMA
-from ubicore.errors import AuthenticationFailed, CallTimeout
+from ubicore.errors import AuthenticationFailed, CallTimeout, NotFound, PermissionDenied
 from ubicore.protocol.codec import encode_reply, parse_client_message
 from ubicore.protocol.messages import Request
 from ubicore.schema import Protection
@@ -36,6 +36,7 @@ from ubicore.security.policy import Right
 from ubicore.security.primitives import KdfParams, Secret
 from ubicore.security.session import ClientSession
 from ubicore.sessions import Credentials, SessionManager
+from ubicore.credentials.service import service_credentials
 from ubicore.testing.site import COUNTER, OPERATOR, TEST_KDF, run_async, running_site
 from ubicore.transport.rpc import RpcConnection
 
@@ -226,53 +227,42 @@ async def test_review_a_full_cache_follows_across_session_renewals_without_redum
         assert cache.undecryptable == 0 and cache.resyncs == 0
 
 
-@pytest.mark.xfail(strict=True, reason="the open naming registry lets anyone downgrade a client")
 @run_async
 async def test_review_a_naming_registration_cannot_talk_a_client_into_clear_calls(tmp_path: Path) -> None:
-    # Defect (not fixed; root cause in the open UNaming::Registry): any unauthenticated
-    # caller may ``register`` a row for a full schema with ``protection: open`` and an rpc
-    # endpoint of its own. A client that holds no session yet believes the row, sends the
-    # call (arguments and all) in the clear to that endpoint, and takes a clear, forged
-    # result. Instances cannot be talked down; clients can. Fix: authenticated
-    # registration (only service users may register; the security-model issue), and a
-    # client-side floor (never below the schema's declared level when known).
+    # Defect (fixed in issue 5: naming is update-protected, only service users may
+    # register, and naming refuses a registration below the level the site runs the
+    # schema at): any unauthenticated caller could ``register`` a row for a full schema
+    # with ``protection: open`` and an rpc endpoint of its own; a client holding no
+    # session yet believed it and sent its call (arguments and all) in the clear there.
     async with running_site(tmp_path, instances=[(COUNTER, "Site")], extra_deployments=FULL_COUNTER) as rs:
         server = rs.server(COUNTER, "Site")
         ctx = zmq.asyncio.Context()
         rogue = ctx.socket(zmq.ROUTER)
         rogue.setsockopt(zmq.LINGER, 0)
-        squatter: asyncio.Task[None] | None = None
-        call: asyncio.Task[Any] | None = None
         try:
             rogue_ep = f"tcp://127.0.0.1:{rogue.bind_to_random_port('tcp://127.0.0.1')}"
+            forged_row = dict(schema=COUNTER, cell="Site", host="h", rpc=rogue_ep, events=server.event_endpoint,
+                              instance_id=server.core.instance_id)
             mallory = rs.new_client(anonymous=True)
-
-            async def squat() -> None:
-                while True:
-                    await mallory.call(NAMING_CELL, NAMING_SCHEMA, "register", schema=COUNTER, cell="Site",
-                                       host="h", rpc=rogue_ep, events=server.event_endpoint,
-                                       instance_id=server.core.instance_id, protection="open")
-                    await asyncio.sleep(0.02)
-
-            squatter = asyncio.create_task(squat())
+            with pytest.raises(PermissionDenied, match="default may not update UNaming::Registry"):
+                await mallory.call(NAMING_CELL, NAMING_SCHEMA, "register", protection="open", **forged_row)
+            with pytest.raises(PermissionDenied, match="default may not update UNaming::Registry"):
+                await mallory.call(NAMING_CELL, NAMING_SCHEMA, "deregister", schema=COUNTER, cell="Site",
+                                   instance_id=server.core.instance_id)
+            # A service user (trusted to register) still cannot claim a lower level than
+            # the site runs the schema at: no downgrade by impersonation either.
+            service = rs.new_client(credentials=service_credentials(rs.site))
+            with pytest.raises(PermissionDenied, match="runs at full on this site"):
+                await service.call(NAMING_CELL, NAMING_SCHEMA, "register", protection="open", **forged_row)
+            with pytest.raises(PermissionDenied, match="runs at full on this site"):
+                await service.call(NAMING_CELL, NAMING_SCHEMA, "register", protection="update", **forged_row)
             victim = rs.new_client()
-            naming = await victim.naming()
-            await naming.wait_for(lambda c: c.table("instances")[(COUNTER, "Site")].rpc == rogue_ep, GUARD_S)
-            call = asyncio.create_task(victim.call("Site", COUNTER, "get", name="top-secret-name"))
-            frames = await asyncio.wait_for(rogue.recv_multipart(), GUARD_S)
-            msg = parse_client_message(frames[1:])
-            forged = None
-            if isinstance(msg, Request):
-                await rogue.send_multipart([frames[0], *encode_reply(msg.corr_id, 31337)])
-                forged = await asyncio.wait_for(call, GUARD_S)
-            # Today: the call went out clear, and the client returned the rogue's 31337.
-            assert (type(msg).__name__, forged) == ("Sealed", None), f"sent in the clear: {msg}; result {forged!r}"
+            row = (await victim.naming()).table("instances")[(COUNTER, "Site")]
+            assert (row.rpc, row.protection) == (server.rpc_endpoint, "full")  # type: ignore[attr-defined]
+            with pytest.raises(NotFound, match="top-secret-name"):  # the real instance's answer, sealed
+                await victim.call("Site", COUNTER, "get", name="top-secret-name")
+            assert await rogue.poll(0) == 0  # nothing ever reached the rogue endpoint
         finally:
-            for task in (squatter, call):
-                if task is not None and not task.done():
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await task
             rogue.close(0)
             ctx.term()
 

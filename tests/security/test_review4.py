@@ -30,6 +30,7 @@ from ubicore.config.model import InstancePlan
 from ubicore.errors import AuthenticationFailed, ConfigError, PermissionDenied
 from ubicore.runtime import (
     PERM_SCHEMA,
+    SERVICE_USER,
     cell_parents,
     current_os_user,
     feed_policy,
@@ -38,6 +39,7 @@ from ubicore.runtime import (
     resolve_schema,
 )
 from ubicore.schema import Protection
+from ubicore.security.amp import CredentialsOutOfDate
 from ubicore.security.policy import PolicySource, Right
 from ubicore.service import InstanceServer
 from ubicore.testing.site import COUNTER, TEST_KDF, run_async, running_site, site_yaml
@@ -69,14 +71,16 @@ async def test_anyone_registering_uperm_config_cannot_feed_instances_a_forged_po
                           local=core.endpoints["local"])
             with pytest.raises(PermissionDenied):  # fixed: only the core registers its own services
                 await anon.call("Site", "UNaming::Registry", "register", **forged)
-            # And were naming lying anyway, a local client goes to the site's own socket,
-            # found from the site file and checked, never to the registered one.
+            # And were naming lying anyway, an instance logs in to UPerm::Config as the
+            # site's service user, and the key exchange authenticates the server too: one
+            # without the service user's verifier record cannot answer, so the instance
+            # refuses to start rather than follow a policy of the attacker's choosing.
             assert rs.core is not None
             with rs.core.transaction() as tx:
                 tx.instances.upsert(**forged, pid=0, started=0.0)
-            await rs.start_instance(COUNTER, "Site")
-            with pytest.raises((PermissionDenied, AuthenticationFailed)):
-                await anon.call("Site", COUNTER, "bump", name="x")
+            with pytest.raises(CredentialsOutOfDate):
+                await rs.start_instance(COUNTER, "Site")
+            assert evil.core.guard.stats.login_failures == 0  # it never got a pass 3 to test
         finally:
             await evil.stop()
 
@@ -91,7 +95,7 @@ async def test_an_instance_that_cannot_follow_the_policy_does_not_keep_serving_r
                          and server.core.policy.verifier("bob") is not None)
         # The site's service account loses read on UPerm::Config (a mistake, or an attacker
         # who got admin once and wants revocations to stop reaching the instances).
-        rs.policy.edit("remove_member", user=current_os_user()[0], group="services", cell="Site")
+        rs.policy.edit("remove_member", user=SERVICE_USER, group="services", cell="Site")
         await asyncio.sleep(0.5)
         rs.policy.remove_user("bob")
         await asyncio.sleep(1.0)
@@ -103,7 +107,7 @@ async def test_an_instance_that_cannot_follow_the_policy_does_not_keep_serving_r
         with pytest.raises((PermissionDenied, AuthenticationFailed)):
             await rs.client.call("Site", COUNTER, "bump", name="x")
         assert server.core.protection is Protection.UPDATE  # the levels stay as they were
-        rs.policy.edit("add_member", user=current_os_user()[0], group="services", cell="Site")
+        rs.policy.edit("add_member", user=SERVICE_USER, group="services", cell="Site")
         await wait_until(lambda: server.core.policy.verifier("operator") is not None, 10.0)
         assert await rs.client.call("Site", COUNTER, "bump", name="x") == 1
         assert server.core.policy.verifier("bob") is None

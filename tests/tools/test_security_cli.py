@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import itertools
 import os
 import threading
 import time
@@ -194,9 +195,12 @@ def test_site_init_makes_the_factory_policy_once(tmp_path: Path) -> None:
     assert any(ln.startswith("services") and "a site service" in ln for ln in out.splitlines())
     lines = out.splitlines()
     header = lines.index(next(ln for ln in lines if ln.split() == ["GROUP", "MODULE", "SCHEMA", "RIGHT"]))
-    rules = {tuple(ln.split()) for ln in lines[header + 1:] if ln.strip()}
+    rules = {tuple(ln.split()) for ln in itertools.takewhile(str.strip, lines[header + 1:])}
+    assert any(ln.startswith("service user site-service: credentials cached in ") for ln in lines)
+    assert any(ln.split()[:2] == ["site-service", "service"] and "services" in ln for ln in lines)
     assert rules == {("admin", "default", "default", "update"), ("admin", "UPerm", "default", "update"),
-                     ("everyone", "default", "default", "read"), ("services", "UPerm", "Config", "read")}
+                     ("everyone", "default", "default", "read"), ("services", "UPerm", "Config", "read"),
+                     ("services", "UNaming", "Registry", "update")}
     assert os.stat(perm_path(load_site(path))).st_mode & 0o077 == 0
 
     again = ubi("site", "init", str(path), new_password="other")
