@@ -153,3 +153,7 @@ def _cache(site: SiteConfig, dataset: Path, user: str | None, password_stdin: bo
 def run(argv: list[str] | None = None) -> Any:
     """The console script's entry point."""
     return main(args=argv, prog_name="ubi-cache-credentials")
+
+
+if __name__ == "__main__":
+    run()

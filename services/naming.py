@@ -93,6 +93,10 @@ class Registry(Schema, name=SCHEMA, protection="update"):
         if protection not in LEVELS:
             raise BadArguments(f"protection {protection!r}: one of {', '.join(LEVELS)}", {"argument": "protection"})
         floor = self.level_floor(schema, cell) if self.level_floor is not None else None
+        if floor is None and self.level_floor is not None:
+            raise PermissionDenied(
+                f"refused: the core knows no level for {schema} at {cell} (is it deployed? a deployment added "
+                "since the core started needs a core restart)", {"groups": []})
         if floor is not None and LEVELS.index(protection) < LEVELS.index(floor):
             raise PermissionDenied(
                 f"refused: {schema} at {cell} runs at {floor} on this site; a registration at {protection} "
@@ -133,6 +137,7 @@ class Registry(Schema, name=SCHEMA, protection="update"):
         desired: str = "running",
     ) -> None:
         """A controller's report of the actual state of an instance it runs."""
+        _not_core(schema)
         tx.services.upsert(
             schema=schema, cell=cell, host=host, desired=desired, actual=actual,
             restarts=restarts, detail=detail, updated=time.time(),

@@ -120,6 +120,14 @@ class Config(Schema, name=SCHEMA, protection="full"):
         Column("module", str), Column("schema", str), Column("level", str),
         key=("module", "schema"), persistent=True,
     )
+    lockouts = Relation(
+        Column("kind", str), Column("subject", str), Column("since", float), Column("until", float),
+        Column("strikes", int, default=1),
+        key=("kind", "subject"), persistent=True,
+    )
+    """Who may not log in until when (``user`` or client ``address``): written by the
+    core's audit service when failed logins cross a threshold (DESIGN.md §8); an ended
+    lockout stays while its strikes still count towards a longer next one."""
 
     # --- users ----------------------------------------------------------------------------------
 
@@ -253,13 +261,21 @@ class Config(Schema, name=SCHEMA, protection="full"):
         _check_part("schema", schema)
         if DEFAULT in (module, schema):
             raise BadArguments("a level is set for one schema, not a wildcard", {"argument": "schema"})
-        if (module, schema) == (MODULE, NAME) or module == "UNaming":
+        if (module, schema) == (MODULE, NAME) or module in ("UNaming", "UAudit"):
             raise BadArguments(f"the level of {module}::{schema} is fixed", {"argument": "schema"})
         try:
             Protection(level)
         except ValueError:
             raise BadArguments(f"level {level!r}: one of open, update, full", {"argument": "level"}) from None
         tx.schemas.upsert(module=module, schema=schema, level=level)
+
+    @update
+    def clear_lockout(self, tx: Transaction, kind: str, subject: str) -> bool:
+        """End the lockout of a user (``kind`` user) or client address (``address``) now,
+        and forget its strikes. False if there was none."""
+        if kind not in ("user", "address"):
+            raise BadArguments(f"kind {kind!r}: one of user, address", {"argument": "kind"})
+        return tx.lockouts.delete(kind, subject) is not None
 
     @update
     def clear_level(self, tx: Transaction, module: str, schema: str) -> None:
@@ -397,6 +413,7 @@ def build_model(rows: Callable[[str], Iterable[Any]], parents: Mapping[str, str 
             levels[f"{s.module}::{s.schema}"] = Protection(s.level)
         except ValueError:
             continue
+    lockouts = {(lk.kind, lk.subject): lk.until for lk in rows("lockouts")}
     site = next(iter(rows("site")), None)
     kdf = None
     if site is not None:
@@ -404,7 +421,8 @@ def build_model(rows: Callable[[str], Iterable[Any]], parents: Mapping[str, str 
             kdf = KdfParams(site.kdf_t, site.kdf_p, site.kdf_m_kib).check()
         except ValueError:
             kdf = None
-    model = PolicyModel(users=users, groups=groups, members=members, rules=rules, levels=levels, parents=parents)
+    model = PolicyModel(users=users, groups=groups, members=members, rules=rules, levels=levels, parents=parents,
+                        lockouts=lockouts)
     return Built(model, site.name if site is not None else "", kdf, site.fake_key if site is not None else b"")
 
 
@@ -435,5 +453,7 @@ def write_factory_policy(
         (EVERYONE_GROUP, DEFAULT, DEFAULT, Right.READ),
         (SERVICES_GROUP, MODULE, NAME, Right.READ),  # instances follow the policy
         (SERVICES_GROUP, "UNaming", "Registry", Right.UPDATE),  # and register with naming
+        (ADMIN_GROUP, "UAudit", DEFAULT, Right.READ),  # (default, default) never reaches UAudit either
+        (SERVICES_GROUP, "UAudit", "Log", Right.UPDATE),  # every process appends to the trail
     ):
         tx.rules.insert(group=group, module=module, schema=schema, right=right.label)

@@ -43,6 +43,10 @@ NAMING_SCHEMA = "UNaming::Registry"
 NAMING_CELL = "Site"
 NAMING_LEVEL = "update"
 """Naming is read by anyone and updated by service users only (services/naming.py)."""
+CORE_LEVELS = {"UPerm::Config": "full", "UAudit::Log": "full", "UAudit::Alerts": "full"}
+"""The fixed levels of the core's services: a client never believes a registration that
+says less (naming is read in the clear, so anyone on the path could say so)."""
+_RANK = {"open": 0, "update": 1, "full": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,12 +286,15 @@ class Client:
                 await naming.wait_for(lambda c: key in c.table("instances"), wait_s)
             except TimeoutError:
                 pass
-        row = naming.table("instances").get(key)
+        row: Any = naming.table("instances").get(key)
         if row is None:
             if key in naming.table("services"):
                 state = naming.table("services")[key]
                 raise Unavailable(f"{schema} at {cell} is not running ({state.actual})")  # type: ignore[attr-defined]
             raise NotFound(f"no instance of {schema} at {cell}")
+        floor = CORE_LEVELS.get(schema)
+        if floor is not None and _RANK.get(row.protection, -1) < _RANK[floor]:
+            row = row._replace(protection=floor)  # sealed, and the login authenticates the instance
         return row
 
     async def services(self) -> dict[str, list[dict[str, Any]]]:

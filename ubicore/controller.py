@@ -29,7 +29,16 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from .client import NAMING_CELL, NAMING_SCHEMA, Client
 from .config.model import SiteConfig
-from .errors import AuthenticationFailed, CallTimeout, ConfigError, CredentialsError, RemoteError, Unavailable
+from .errors import (
+    AuthenticationFailed,
+    CallTimeout,
+    ConfigError,
+    CredentialsError,
+    LockedOut,
+    RemoteError,
+    Unavailable,
+)
+from .security.amp import CredentialsOutOfDate
 from .runtime import cache_tool_hint, check_initialised, resolve_schema, serve_core, serve_instance
 from .sessions import Credentials
 from .supervisor import Child, Supervisor, watch_parent
@@ -37,6 +46,7 @@ from .supervisor import Child, Supervisor, watch_parent
 log = logging.getLogger(__name__)
 
 REPORT_PERIOD_S = 5.0
+STALE_WARN_S = 60.0
 CHECK_PERIOD_S = 0.5
 SHUTDOWN_REPORT_TIMEOUT_S = 0.3
 
@@ -110,6 +120,7 @@ class HostController:
         self.client = Client.for_site(site, timeout_s=2.0, credentials=credentials)
         self.supervisor = Supervisor(self._report)
         self.stopping = False
+        self._stale_warned = -STALE_WARN_S
         handed = ("--credentials-stdin",) if handoff is not None else ()
         for name, plan in self.plans.items():
             self.supervisor.add(name, ubi_argv(site, "instance", plan.schema, plan.cell, *handed, *_child_of_me()),
@@ -124,7 +135,7 @@ class HostController:
                 actual=child.state, restarts=child.restarts, detail=detail,
                 timeout_s=SHUTDOWN_REPORT_TIMEOUT_S if self.stopping else None,
             )
-        except RemoteError as exc:
+        except (RemoteError, CredentialsError) as exc:
             log.debug("report of %s not delivered: %s", child.name, exc)
 
     async def _check(self, stop: asyncio.Event) -> None:
@@ -146,6 +157,10 @@ class HostController:
                         await self._report(child)
             except RemoteError as exc:
                 log.debug("naming not reachable: %s", exc)
+            except CredentialsError as exc:  # the cache went stale while we ran: say so, keep going
+                if loop.time() - self._stale_warned > STALE_WARN_S:
+                    self._stale_warned = loop.time()
+                    log.error("%s", exc)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), CHECK_PERIOD_S)
 
@@ -157,10 +172,14 @@ class HostController:
         finally:
             self.stopping = True
             checker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await checker
-            await self.supervisor.stop()
-            await self.client.close()
+            except BaseException as exc:  # whatever ended the checker, the children stop
+                if not isinstance(exc, asyncio.CancelledError):
+                    log.error("the controller's checker failed: %s", exc)
+            finally:
+                await self.supervisor.stop()
+                await self.client.close()
 
 
 async def run_controller(
@@ -192,6 +211,7 @@ async def wait_for_login(client: Client, site: SiteConfig, stop: asyncio.Event |
     loop = asyncio.get_running_loop()
     started = loop.time()
     warned = False
+    stale_warned = -STALE_WARN_S
     while stop is None or not stop.is_set():
         try:
             await client.login(NAMING_CELL, NAMING_SCHEMA, timeout_s=2.0)
@@ -202,6 +222,17 @@ async def wait_for_login(client: Client, site: SiteConfig, stop: asyncio.Event |
                 log.warning("waiting for the core of site %s to check the service credentials: %s", site.name, exc)
                 warned = True
             await asyncio.sleep(0.25)
+        except CredentialsOutOfDate as exc:
+            # The salt and costs of pass 2 are not authenticated yet: a process pretending
+            # to be the core could say anything. So this is reported, not final: the
+            # process waits for its cache to be renewed (the secret re-reads the file).
+            if loop.time() - stale_warned > STALE_WARN_S:
+                stale_warned = loop.time()
+                log.error("%s (waiting for new credentials)", exc)
+            await asyncio.sleep(1.0)
+        except LockedOut as exc:
+            log.error("the service user %s is locked out (%s); waiting", client.user, exc.message)
+            await asyncio.sleep(min(max(exc.retry_after_s, 1.0), 60.0))
         except AuthenticationFailed as exc:
             raise CredentialsError(f"site {site.name} refused the service credentials of {client.user} "
                                    f"({exc.message}): {cache_tool_hint(site)}") from None

@@ -28,6 +28,7 @@ from .errors import (
     ConstraintViolation,
     DecryptionFailed,
     NotFound,
+    PermissionDenied,
     ProtocolError,
     RemoteError,
     RemoteFailure,
@@ -53,8 +54,8 @@ from .schema import (
     Protection,
     Schema,
 )
-from .security.guard import AUTH_OPERATIONS, SessionGuard
-from .security.policy import SecurityPolicy, StaticPolicy
+from .security.guard import AUTH_OPERATIONS, AuditHook, SessionGuard, no_audit
+from .security.policy import DEFAULT_USER, SecurityPolicy, StaticPolicy
 from .security.session import ServerSession
 from .store import Store, Transaction
 
@@ -149,6 +150,15 @@ class InstanceCore:
         self.started = time.time()
         self.endpoints: dict[str, str] = {}
         self._on_commit = on_commit or (lambda: None)
+        self.audit: AuditHook = no_audit
+        self.update_action = "policy" if schema.schema_name.startswith("UPerm::") else "update"
+        """How the trail names this schema's update operations: changes of the security model are ``policy``."""
+
+    def use_audit(self, hook: AuditHook) -> None:
+        """Report logins, denials, update operations, rejected messages and key rotations
+        to ``hook`` (ubicore/audit/trail.py)."""
+        self.audit = hook
+        self.guard.audit = hook
 
     @property
     def name(self) -> str:
@@ -165,36 +175,42 @@ class InstanceCore:
 
     # --- requests ------------------------------------------------------------------------
 
-    def handle(self, frames: list[bytes], peer: bytes = b"", uid: int | None = None) -> list[bytes] | None:
+    def handle(
+        self, frames: list[bytes], peer: bytes = b"", uid: int | None = None, address: str = ""
+    ) -> list[bytes] | None:
         """Answer one request's frames with reply frames (None: dropped). ``peer`` names
         the connection it came on (the ROUTER identity), for the login caps; ``uid`` is
-        the kernel's word on who is at the other end of an ipc connection (local logins)."""
+        the kernel's word on who is at the other end of an ipc connection (local logins);
+        ``address`` is the client's network address, for the audit trail and lockouts."""
         try:
             msg = parse_client_message(frames)
         except ProtocolError as exc:
             self.stats.malformed += 1
             log.debug("%s@%s: malformed request dropped: %s", self.name, self.cell, exc)
+            self.audit("rejected", "refused", DEFAULT_USER, address, f"a malformed request: {exc}")
             corr = _salvage_corr_id(frames)
             if corr is None:
                 return None
             return encode_error(corr, RemoteProtocolError.code, str(exc), {})
         if type(msg) is Sealed:
-            return self._handle_sealed(msg)
+            return self._handle_sealed(msg, address)
         assert isinstance(msg, Request)
         self.stats.requests += 1
         try:
             if msg.operation in AUTH_OPERATIONS:
-                return encode_reply_packed(msg.corr_id, self._login(msg, peer, uid))
-            return encode_reply_packed(msg.corr_id, self.execute(msg))
+                return encode_reply_packed(msg.corr_id, self._login(msg, peer, uid, address))
+            return encode_reply_packed(msg.corr_id, self.execute(msg, None, address))
         except RemoteError as err:
             return self._error(msg, err)
 
-    def _handle_sealed(self, msg: Sealed) -> list[bytes] | None:
+    def _handle_sealed(self, msg: Sealed, address: str = "") -> list[bytes] | None:
         try:
             session, req = self.guard.open(msg)
         except DecryptionFailed:
             self.stats.rejected += 1
             log.debug("%s@%s: a sealed request did not open; dropped", self.name, self.cell)
+            self.audit("rejected", "refused", DEFAULT_USER, address,
+                       "a sealed request did not open (tampered, replayed or foreign)")
             return None
         except RemoteError as err:  # no session: answered in the clear
             self.stats.errors += 1
@@ -203,7 +219,7 @@ class InstanceCore:
         try:
             if req.operation in AUTH_OPERATIONS:
                 raise BadArguments(f"{req.operation} is not sent inside a session")
-            reply = encode_reply_packed(req.corr_id, self.execute(req, session))
+            reply = encode_reply_packed(req.corr_id, self.execute(req, session, address))
         except RemoteError as err:
             reply = self._error(req, err)
         return self.guard.seal_reply(session, reply, req.corr_id)
@@ -217,11 +233,11 @@ class InstanceCore:
         except ValueError:  # a detail that cannot travel: send the rest
             return encode_error(req.corr_id, err.code, str(err.message), {})
 
-    def _login(self, req: Request, peer: bytes, uid: int | None = None) -> bytes:
+    def _login(self, req: Request, peer: bytes, uid: int | None = None, address: str = "") -> bytes:
         if req.schema != self.name or req.cell != self.cell:
             raise NotFound(f"this endpoint serves {self.name} at {self.cell}, not {req.schema} at {req.cell}")
         if req.operation == "auth_hello":
-            return pack(self.guard.hello(peer, req.args))
+            return pack(self.guard.hello(peer, req.args, address))
         if req.operation == "auth_local":
             if uid is None:
                 raise BadArguments("auth_local is answered only on the instance's ipc endpoint", {"argument": "operation"})
@@ -232,12 +248,19 @@ class InstanceCore:
             log.info("%s@%s: a login failed", self.name, self.cell)
             raise
 
-    def execute(self, req: Request, session: ServerSession | None = None) -> bytes:
-        """Run a request; its result, packed. Raises the typed error to answer with."""
+    def execute(self, req: Request, session: ServerSession | None = None, address: str = "") -> bytes:
+        """Run a request; its result, packed. Raises the typed error to answer with. Denials
+        and update operations (done or failed) are audited."""
         if req.schema != self.name or req.cell != self.cell:
             raise NotFound(f"this endpoint serves {self.name} at {self.cell}, not {req.schema} at {req.cell}")
         spec = self.schema.operations.get(req.operation)
-        self.guard.admit(session, req.operation, spec is not None and spec.kind is OpKind.UPDATE)
+        updating = spec is not None and spec.kind is OpKind.UPDATE
+        try:
+            self.guard.admit(session, req.operation, updating)
+        except PermissionDenied as err:
+            self.audit("denied", "denied", session.user if session is not None else DEFAULT_USER, address,
+                       f"{req.operation}: {err.message}")
+            raise
         match req.operation:
             # Built-in results are ours (string keys throughout): no key check, which
             # for a dump would mean unpacking megabytes again.
@@ -252,7 +275,28 @@ class InstanceCore:
         if spec is None:
             raise NotFound(f"{self.name} has no operation {req.operation!r}")
         args = check_arguments(spec, req.args)
-        return self.run_operation(spec, args)
+        principal = session.user if session is not None else DEFAULT_USER
+        self.obj.caller = principal
+        if not updating:
+            return self.run_operation(spec, args)
+        try:
+            body = self.run_operation(spec, args)
+        except PermissionDenied as err:  # the operation's own refusal (naming's registrations)
+            self.audit("denied", "denied", principal, address, f"{spec.name}: {err.message}")
+            raise
+        except RemoteError as err:
+            self.audit(self.update_action, "failed", principal, address, f"{spec.name}: {err.code}: {err.message}")
+            raise
+        self.audit(self.update_action, "ok", principal, address, self.describe_update(spec.name, args))
+        return body
+
+    def describe_update(self, operation: str, args: Mapping[str, Any]) -> str:
+        """The audit detail of an update operation: its name, and for the security model
+        its arguments (never bytes: salts and verifiers stay out of the trail)."""
+        if self.update_action != "policy":
+            return operation
+        shown = ", ".join(f"{k}={v!r}" for k, v in args.items() if not isinstance(v, (bytes, bytearray)))
+        return f"{operation}({shown})"
 
     def run_operation(self, spec: OperationSpec, args: Mapping[str, Any]) -> bytes:
         """Run a declared operation in a transaction; its result, packed."""

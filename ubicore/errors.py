@@ -15,6 +15,7 @@
         ├── BadArguments           arguments missing, unknown or of the wrong type
         ├── AuthenticationRequired the action needs a session and there is none
         ├── AuthenticationFailed   the credentials were refused
+        │   └── LockedOut          too many failed logins: the user or address waits ``retry_after_s``
         ├── PermissionDenied       the principal lacks the right; ``groups`` would allow it
         ├── Unavailable            the instance is not running or not reachable
         ├── CallTimeout            no reply before the deadline (also a ``TimeoutError``)
@@ -39,6 +40,7 @@ __all__ = [
     "ConstraintViolation",
     "CredentialsError",
     "DecryptionFailed",
+    "LockedOut",
     "NotFound",
     "PermissionDenied",
     "ProtocolError",
@@ -148,6 +150,19 @@ class AuthenticationFailed(RemoteError):
     code = "auth_failed"
 
 
+class LockedOut(AuthenticationFailed):
+    """Too many failed logins locked the user or the client's address out (DESIGN.md §8).
+    Retry after ``retry_after_s`` seconds, or ask an operator to clear the lockout
+    (``ubi security lockouts clear``)."""
+
+    code = "locked_out"
+
+    @property
+    def retry_after_s(self) -> float:
+        value = self.detail.get("retry_after_s")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
 class PermissionDenied(RemoteError):
     """The principal lacks the right. ``groups`` lists descriptions of groups that would allow it."""
 
@@ -193,6 +208,7 @@ _BY_CODE: dict[str, type[RemoteError]] = {
         BadArguments,
         AuthenticationRequired,
         AuthenticationFailed,
+        LockedOut,
         PermissionDenied,
         Unavailable,
         CallTimeout,

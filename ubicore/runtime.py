@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 BUILTIN_SERVICE_MODULES = (
     "ubicore.services.naming",
     "ubicore.services.perm",
+    "ubicore.services.audit",
     "ubicore.services.configuration",
     "ubicore.services.positions",
 )
@@ -214,57 +215,98 @@ def make_core(
 @contextlib.asynccontextmanager
 async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> AsyncIterator[InstanceServer]:
     """Run the core schema services while the block runs: the naming registry on the
-    site's core endpoints, ``UPerm::Config`` on free ports of the core's address.
-    ConfigError if the site was never initialised (``ubi site init``)."""
+    site's core endpoints; ``UPerm::Config``, ``UAudit::Log`` and ``UAudit::Alerts`` on
+    free ports of the core's address. ConfigError if the site was never initialised
+    (``ubi site init``), AuditKeyError if the audit key file cannot be used."""
     check_initialised(site)
     if perm_path(site).stat().st_mode & 0o077:
         raise ConfigError(str(perm_path(site)), "", "the security policy is open to other accounts (it holds "
                                                     f"verifier records); fix it with: chmod 600 {perm_path(site)}")
-    registry = resolve_schema(site, NAMING_SCHEMA)
-    perm = resolve_schema(site, PERM_SCHEMA)
+    from .audit.keys import load_or_create_keys
+    from .audit.trail import AUDIT_ALERTS, AUDIT_LOG, Auditor, CoreWriter, audit_paths
+
+    key_path, checkpoint_path, _ = audit_paths(site)
+    for directory in {key_path.parent, checkpoint_path.parent}:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    keys = load_or_create_keys(key_path)
     source = PolicySource(site.name)
-    perm_core = make_core(site, InstancePlan(PERM_SCHEMA, NAMING_CELL, site.core.host, None,
-                                             {"cells": cell_parents(site)}), perm, source.policy())
-    feed_policy(source, lambda rel: perm_core.store.tables[rel].values(), cell_parents(site))
-    perm_core.policy.refresh()
-    perm_server = InstanceServer(perm_core, address=site.core.address, heartbeat_s=heartbeat_s,
-                                 local=ipc_endpoint(site, PERM_SCHEMA, NAMING_CELL))
-    _after_commits(perm_server, lambda: feed_policy(source, lambda rel: perm_core.store.tables[rel].values(),
-                                                    cell_parents(site)))
-    plan = InstancePlan(NAMING_SCHEMA, NAMING_CELL, site.core.host, None, {})
-    try:
-        core = make_core(site, plan, registry, source.policy())
-    except BaseException:
-        perm_core.store.close()
-        raise
-    core.obj.level_floor = lambda schema, cell: level_floor(site, source, schema, cell)  # type: ignore[attr-defined]
-    server = InstanceServer(
-        core, address=site.core.address, rpc_port=site.core.rpc_port, event_port=site.core.event_port,
-        heartbeat_s=heartbeat_s, local=ipc_endpoint(site, NAMING_SCHEMA, NAMING_CELL),
-    )
-    try:
-        await _start_or_close(perm_server)
-    except BaseException:
-        core.store.close()
-        raise
-    try:
-        await _start_or_close(server)
-    except BaseException:
-        await perm_server.stop()
-        raise
-    try:
+    parents = cell_parents(site)
+
+    def plan_of(schema: str, options: dict[str, Any] | None = None) -> InstancePlan:
+        return InstancePlan(schema, NAMING_CELL, site.core.host, None, options or {})
+
+    async with contextlib.AsyncExitStack() as stack:
+        async def serve(core: InstanceCore, **where: Any) -> InstanceServer:
+            server = InstanceServer(core, address=site.core.address, heartbeat_s=heartbeat_s,
+                                    local=ipc_endpoint(site, core.name, NAMING_CELL), **where)
+            await _start_or_close(server)
+            stack.push_async_callback(server.stop)
+            return server
+
+        perm_core = make_core(site, plan_of(PERM_SCHEMA, {"cells": parents}), resolve_schema(site, PERM_SCHEMA),
+                              source.policy())
+        feed_policy(source, lambda rel: perm_core.store.tables[rel].values(), parents)
+        perm_core.policy.refresh()
+        perm_server = await serve(perm_core)
+        log_core = make_core(site, plan_of(AUDIT_LOG), resolve_schema(site, AUDIT_LOG), source.policy())
+        log_server = await serve(log_core)
+        alerts_core = make_core(site, plan_of(AUDIT_ALERTS), resolve_schema(site, AUDIT_ALERTS), source.policy())
+        alerts_server = await serve(alerts_core)
+
+        def write_lockouts(locks: list[Any]) -> None:
+            with perm_server.transaction() as tx:
+                keep = {(lk.kind, lk.subject) for lk in locks}
+                for row in list(tx.lockouts):
+                    if (row.kind, row.subject) not in keep:
+                        tx.lockouts.delete(row.kind, row.subject)
+                for lk in locks:
+                    tx.lockouts.upsert(kind=lk.kind, subject=lk.subject, since=lk.since, until=lk.until,
+                                       strikes=lk.strikes)
+
+        writer = CoreWriter(log_core, alerts_core, keys, checkpoint_path, site.audit, write_lockouts,
+                            host=site.core.host)
+        _restore_lockouts(writer, perm_core.store.tables["lockouts"].values())
+        log_core.obj.writer = writer  # type: ignore[attr-defined]
+        stack.callback(writer.checkpoint)
+        stack.callback(writer.flush)
+        checkpoints = asyncio.create_task(writer.run(), name="audit checkpoints")
+        stack.push_async_callback(_cancelled, checkpoints)
+
+        def policy_committed() -> None:
+            feed_policy(source, lambda rel: perm_core.store.tables[rel].values(), parents)
+            writer.lockouts_changed(perm_core.store.tables["lockouts"].values())
+
+        _after_commits(perm_server, policy_committed)
+        core = make_core(site, plan_of(NAMING_SCHEMA), resolve_schema(site, NAMING_SCHEMA), source.policy())
+        core.obj.level_floor = lambda schema, cell: level_floor(site, source, schema, cell)  # type: ignore[attr-defined]
+        server = await serve(core, rpc_port=site.core.rpc_port, event_port=site.core.event_port)
+        auditor = Auditor(writer.local, host=site.core.host, config=site.audit)
+        for s in (server, perm_server):
+            s.core.use_audit(auditor.child(cell=NAMING_CELL, schema=s.core.name))
+        auditor.child(cell=NAMING_CELL, schema="")("start", "ok", "", "", f"core of site {site.name} up")
+        stack.callback(lambda: auditor.child(cell=NAMING_CELL, schema="")(
+            "stop", "ok", "", "", f"core of site {site.name} stopping"))
         with server.transaction() as tx:
-            for s in (server, perm_server):
+            for s in (server, perm_server, log_server, alerts_server):
                 tx.instances.upsert(
                     schema=s.core.name, cell=NAMING_CELL, host=site.core.host, rpc=s.rpc_endpoint,
                     events=s.event_endpoint, instance_id=s.core.instance_id, protection=s.core.protection.value,
                     pid=os.getpid(), started=time.time(), local=s.core.endpoints.get("local", ""),
                 )
-        server.companions[PERM_SCHEMA] = perm_server
+        server.companions.update({PERM_SCHEMA: perm_server, AUDIT_LOG: log_server, AUDIT_ALERTS: alerts_server})
         yield server
-    finally:
-        await server.stop()
-        await perm_server.stop()
+
+
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _restore_lockouts(writer: Any, rows: Iterable[Any]) -> None:
+    from .audit.watch import Lockout
+
+    writer.watch.restore([Lockout(r.kind, r.subject, r.since, r.until, r.strikes) for r in rows])
 
 
 CACHE_TOOL = "ubi-cache-credentials"
@@ -386,8 +428,14 @@ class PolicyFollower:
             try:
                 self._cache = await self._client.cache(NAMING_CELL, PERM_SCHEMA)
                 break
-            except CredentialsOutOfDate:
-                raise  # only an operator fixes that (ubi-cache-credentials)
+            except CredentialsOutOfDate as exc:
+                # Reported, not final: pass 2's salt is not authenticated, so an impostor
+                # could cause this; the cache is re-read at every try.
+                if not warned:
+                    log.error("%s (waiting for new credentials)", exc)
+                    warned = True
+                await asyncio.sleep(retry_s)
+                continue
             except (RemoteError, ConfigError) as exc:
                 if not warned and loop.time() - started > warn_after_s:
                     log.warning("waiting for the site's security policy: %s", exc)
@@ -464,15 +512,52 @@ class PolicyFollower:
 @contextlib.asynccontextmanager
 async def serve_instance(
     site: SiteConfig, plan: InstancePlan, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S,
-    policy: SecurityPolicy | None = None, credentials: Credentials | None = None,
+    policy: SecurityPolicy | None = None, credentials: Credentials | None = None, audit: bool = True,
 ) -> AsyncIterator[InstanceServer]:
     """Run one planned instance, registered with naming, while the block runs. It logs
     in as ``credentials`` (default: the service credentials cached in the site's
-    dataset, ubicore/credentials; CredentialsMissing when there are none) to register
-    and, without ``policy``, to follow the site's ``UPerm::Config`` (it waits for it
-    first; CredentialsOutOfDate when the site refuses the cache)."""
+    dataset, ubicore/credentials; CredentialsMissing when there are none) to register,
+    to ship its audit records (spooled under the site's spool directory until the core
+    has them; ``audit=False`` records nothing, for measurements) and, without ``policy``,
+    to follow the site's ``UPerm::Config`` (it waits for it first; CredentialsOutOfDate
+    when the site refuses the cache)."""
     schema = resolve_schema(site, plan.schema)
     client = Client.for_site(site, credentials=credentials or cached_service_credentials(site))
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(client.close)
+        auditor = await stack.enter_async_context(_audit_trail(site, client, f"instance-{plan.schema}@{plan.cell}",
+                                                               host=plan.host, cell=plan.cell, schema=plan.schema)) \
+            if audit else None
+        async with _serve_instance(site, plan, schema, client, heartbeat_s, policy, auditor) as server:
+            yield server
+
+
+@contextlib.asynccontextmanager
+async def _audit_trail(
+    site: SiteConfig, client: Client, name: str, *, host: str, cell: str = "", schema: str = ""
+) -> AsyncIterator[Any]:
+    """An Auditor whose records are spooled under the site's spool directory and shipped
+    to ``UAudit::Log`` with ``client`` (ubicore/audit/trail.py) while the block runs."""
+    from .audit.trail import Auditor, Shipper, Spool, audit_paths
+
+    spool = Spool(audit_paths(site)[2], name.replace("::", "%").replace("/", "_"))
+
+    async def call(schema_name: str, operation: str, **args: Any) -> Any:
+        return await client.call(NAMING_CELL, schema_name, operation, **args)
+
+    shipper = Shipper(spool, call)
+    shipper.start()
+    try:
+        yield Auditor(spool.put, host=host, cell=cell, schema=schema, config=site.audit)
+    finally:
+        await shipper.close()
+
+
+@contextlib.asynccontextmanager
+async def _serve_instance(
+    site: SiteConfig, plan: InstancePlan, schema: type[Schema], client: Client, heartbeat_s: float,
+    policy: SecurityPolicy | None, auditor: Any,
+) -> AsyncIterator[InstanceServer]:
     follower: PolicyFollower | None = None
     if policy is None:
         follower = PolicyFollower(site, client)
@@ -480,7 +565,6 @@ async def serve_instance(
             await follower.start()
         except BaseException:
             await follower.close()
-            await client.close()
             raise
     active: SecurityPolicy = policy if policy is not None else follower.source.policy()  # type: ignore[union-attr]
     try:
@@ -491,8 +575,10 @@ async def serve_instance(
     except BaseException:
         if follower is not None:
             await follower.close()
-        await client.close()
         raise
+    if auditor is not None:
+        core.use_audit(auditor)
+        auditor("start", "ok", "", "", f"pid {os.getpid()}, {core.protection.value} protection")
     keeper = asyncio.create_task(_keep_registered(client, plan, server))
     try:
         yield server
@@ -505,7 +591,8 @@ async def serve_instance(
                 NAMING_CELL, NAMING_SCHEMA, "deregister", timeout_s=1.0,
                 schema=plan.schema, cell=plan.cell, instance_id=core.instance_id,
             )
+        if auditor is not None:
+            auditor("stop", "ok", "", "", f"pid {os.getpid()}")
         await server.stop()
         if follower is not None:
             await follower.close()
-        await client.close()

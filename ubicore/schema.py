@@ -320,6 +320,10 @@ class Schema:
             )
         _REGISTRY[name] = cls
 
+    caller: str = "default"
+    """Who calls the operation running now: the session's user, or ``default`` (set by
+    the instance before each operation; read it, never write it)."""
+
     def __init__(self, cell: str, options: Mapping[str, Any] | None = None) -> None:
         self.cell = cell
         self.options = types.MappingProxyType(dict(options or {}))

@@ -156,7 +156,9 @@ class InstanceServer:
         # The publisher hands subscriptions up; nothing needs them, but they must be read.
         self._pub = Pump(pub, _discard, self._loop)
         self.core.endpoints.update(rpc=rpc, events=events)
-        self._router = Pump(router, self._on_request, self._loop)
+        # Each request comes with its connection's Peer-Address (the client's IP), for the
+        # audit trail and the lockout of addresses that keep failing to log in.
+        self._router = Pump(router, self._on_request, self._loop, recv=recv_frames_with_peer)
         self._tasks.append(asyncio.create_task(self._heartbeats(), name="heartbeats"))
         self._tasks.append(asyncio.create_task(self._security(), name="security"))
         source = getattr(self.core.policy, "source", None)
@@ -176,13 +178,13 @@ class InstanceServer:
             log.exception("%s@%s: run() raised; the instance keeps serving", self.core.name, self.core.cell)
 
     def _on_request(self, frames: list[bytes]) -> None:
-        if len(frames) < 2:
+        if len(frames) < 3:
             self.core.stats.malformed += 1
             return
-        reply = self.core.handle(frames[1:], frames[0])
+        reply = self.core.handle(frames[2:], frames[1], None, frames[0].decode(errors="replace"))
         if reply is not None and self._router is not None:
             try:
-                self._router.send([frames[0], *reply])
+                self._router.send([frames[1], *reply])
             except Exception as exc:
                 log.warning("%s@%s: reply not sent: %s", self.core.name, self.core.cell, exc)
 
@@ -191,7 +193,7 @@ class InstanceServer:
             self.core.stats.malformed += 1
             return
         uid = peer_uid(frames[0].decode(errors="replace"))
-        reply = self.core.handle(frames[2:], b"ipc:" + frames[1], uid)
+        reply = self.core.handle(frames[2:], b"ipc:" + frames[1], uid, "" if uid is None else f"uid {uid}")
         if reply is not None and self._local is not None:
             try:
                 self._local.send([frames[1], *reply])

@@ -156,7 +156,8 @@ async def test_services_lists_registrations_and_states(tmp_path: Path) -> None:
         listing = await rs.client.services()
         assert set(listing) == {"instances", "services"}
         instances = {(r["schema"], r["cell"]): r for r in listing["instances"]}
-        assert set(instances) == {*rs.servers, (NAMING_SCHEMA, NAMING_CELL), ("UPerm::Config", NAMING_CELL)}
+        assert set(instances) == {*rs.servers, (NAMING_SCHEMA, NAMING_CELL), ("UPerm::Config", NAMING_CELL),
+                              ("UAudit::Log", NAMING_CELL), ("UAudit::Alerts", NAMING_CELL)}
         for key, server in rs.servers.items():
             assert instances[key]["rpc"] == server.rpc_endpoint
             assert instances[key]["instance_id"] == server.core.instance_id

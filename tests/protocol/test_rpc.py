@@ -108,6 +108,7 @@ TYPED = [
     errors.BadArguments,
     errors.AuthenticationRequired,
     errors.AuthenticationFailed,
+    errors.LockedOut,
     errors.PermissionDenied,
     errors.Unavailable,
     errors.CallTimeout,

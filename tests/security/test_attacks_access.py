@@ -225,7 +225,12 @@ async def test_a_wrong_password_fails_without_pass_4_like_an_unknown_user(tmp_pa
 
 @run_async
 async def test_a_stolen_verifier_logs_nobody_in(tmp_path: Path) -> None:
-    async with running_site(tmp_path, instances=[(COUNTER, "Site")], extra_deployments=FULL_COUNTER) as rs:
+    # Every attempt here is a failed login of the operator: lockout (DESIGN.md §8, tested
+    # in tests/audit) is set out of reach so that each candidate reaches pass 3.
+    no_lockout = {"count": 1000, "window_s": 60}
+    async with running_site(tmp_path, instances=[(COUNTER, "Site")], extra_deployments=FULL_COUNTER,
+                            audit={"failed_logins_per_user": no_lockout,
+                                   "failed_logins_per_address": no_lockout}) as rs:
         server = rs.server(COUNTER, "Site")
         guard = server.core.guard
         user = OPERATOR[0]

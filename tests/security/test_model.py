@@ -324,8 +324,8 @@ def test_a_default_default_rule_never_reaches_the_security_model() -> None:
         rules=[Rule("readers", WILD, WILD, Right.READ), Rule("writers", WILD, WILD, Right.UPDATE),
                Rule("writers", WILD, "Config", Right.UPDATE)],  # ignored: reaches nothing either
     )
-    assert SECURITY_MODULES == {"UPerm"}
-    for schema in ("UPerm::Config", "UPerm::Anything"):
+    assert SECURITY_MODULES == {"UPerm", "UAudit"}
+    for schema in ("UPerm::Config", "UPerm::Anything", "UAudit::Log", "UAudit::Alerts"):
         for user, group in (("reader", "readers"), ("writer", "writers")):
             assert m.right(user, schema, SITE) is Right.NONE
             assert m.group_rule(group, schema) is None and m.group_right(group, schema) is Right.NONE

@@ -42,6 +42,8 @@ FACTORY_RULES = {
     ("everyone", "default", "default", "read"),
     ("services", "UPerm", "Config", "read"),
     ("services", "UNaming", "Registry", "update"),
+    ("admin", "UAudit", "default", "read"),
+    ("services", "UAudit", "Log", "update"),
 }
 
 

@@ -123,7 +123,7 @@ def test_site_up_stops_cleanly_leaving_no_process(tmp_path: Path) -> None:
     finally:
         code = stop_site(proc)
     assert code == 0
-    assert len(pids) == 5  # naming and UPerm::Config (the core), configuration, two zones
+    assert len(pids) == 7  # naming, UPerm::Config and UAudit's two (the core), configuration, two zones
     assert len(set(pids)) == 4
     assert [p for p in pids if alive(p)] == []
     # and the core ports are free again

@@ -200,7 +200,8 @@ def test_site_init_makes_the_factory_policy_once(tmp_path: Path) -> None:
     assert any(ln.split()[:2] == ["site-service", "service"] and "services" in ln for ln in lines)
     assert rules == {("admin", "default", "default", "update"), ("admin", "UPerm", "default", "update"),
                      ("everyone", "default", "default", "read"), ("services", "UPerm", "Config", "read"),
-                     ("services", "UNaming", "Registry", "update")}
+                     ("services", "UNaming", "Registry", "update"), ("admin", "UAudit", "default", "read"),
+                     ("services", "UAudit", "Log", "update")}
     assert os.stat(perm_path(load_site(path))).st_mode & 0o077 == 0
 
     again = ubi("site", "init", str(path), new_password="other")

@@ -29,6 +29,7 @@ from ..errors import (
     AuthenticationFailed,
     AuthenticationRequired,
     DecryptionFailed,
+    LockedOut,
     PermissionDenied,
 )
 from ..protocol.codec import encode_rekey, encode_sealed_event, encode_sealed_reply
@@ -70,6 +71,16 @@ class GuardStats:
     denied: int = 0
     rotations: int = 0
     sessions: int = 0
+    locked_out: int = 0
+
+
+AuditHook = Callable[[str, str, str, str, str], None]
+"""(action, outcome, principal, client address, detail): where the guard reports what the
+audit trail records (ubicore/audit/trail.py)."""
+
+
+def no_audit(action: str, outcome: str, principal: str, address: str, detail: str) -> None:
+    return None
 
 
 class SessionTable(dict[bytes, ServerSession]):
@@ -107,10 +118,10 @@ class SessionTable(dict[bytes, ServerSession]):
 
 
 class _Pending:
-    __slots__ = ("hs", "peer", "started")
+    __slots__ = ("hs", "peer", "started", "address")
 
-    def __init__(self, hs: ServerHandshake, peer: bytes, started: float) -> None:
-        self.hs, self.peer, self.started = hs, peer, started
+    def __init__(self, hs: ServerHandshake, peer: bytes, started: float, address: str) -> None:
+        self.hs, self.peer, self.started, self.address = hs, peer, started, address
 
 
 def _params_map(p: KdfParams) -> dict[str, Any]:
@@ -157,6 +168,8 @@ class SessionGuard:
         # still holds: the uid of an OS user's session, the verifier of a password login
         # (a new password ends the sessions made with the old one).
         self._made_with: dict[bytes, int | bytes] = {}
+        self.audit: AuditHook = no_audit
+        self._wall = time.time
 
     @property
     def epoch(self) -> int:
@@ -164,12 +177,21 @@ class SessionGuard:
 
     # --- logging in ----------------------------------------------------------------------------
 
-    def hello(self, peer: bytes, args: Mapping[str, Any]) -> dict[str, Any]:
-        """Pass 1 → pass 2. Never says whether the user exists."""
+    def hello(self, peer: bytes, args: Mapping[str, Any], address: str = "") -> dict[str, Any]:
+        """Pass 1 → pass 2. Never says whether the user exists. A user or client address
+        that failed too often (the policy's lockouts) is refused with LockedOut."""
         self._expire_pending()
         user, g1 = args.get("user"), _bytes_arg(args, "g1")
         if type(user) is not str:
             raise AuthenticationFailed("authentication failed")
+        now = self._wall()
+        until = self.policy.locked_out(user, address, now)
+        if until is not None:
+            self.stats.locked_out += 1
+            wait = until - now
+            self.audit("login", "refused", user, address, f"locked out for {wait:.0f} s more")
+            raise LockedOut(f"too many failed logins: logins are refused for {wait:.0f} s",
+                            {"retry_after_s": round(wait, 1)})
         if sum(p.peer == peer for p in self._pending.values()) >= MAX_PENDING_PER_PEER:
             raise AuthenticationFailed("too many logins in progress; retry shortly")
         hs = ServerHandshake(self.policy.site, self.policy.verifier, self.policy.server_secret,
@@ -178,13 +200,14 @@ class SessionGuard:
             ch: Challenge = hs.challenge(Hello(user, g1))
         except AuthenticationFailed:
             self.stats.login_failures += 1
+            self.audit("login", "failed", user, address, "a malformed first pass")
             raise
         hs_id = self._rng(HANDSHAKE_ID_BYTES)
         if len(self._pending) >= MAX_PENDING:
             # The oldest half-done login gives way. Refusing instead would let anyone with
             # 256 connections (peer ids cost nothing) lock every login out for 10 s at a time.
             self._pending.popitem(last=False)
-        self._pending[hs_id] = _Pending(hs, peer, self._clock())
+        self._pending[hs_id] = _Pending(hs, peer, self._clock(), address)
         return {"hs": hs_id, "g2": ch.g2, "salt": ch.salt, "params": _params_map(ch.params),
                 "site": self.policy.site, "instance_id": self.instance_id}
 
@@ -203,6 +226,7 @@ class SessionGuard:
             hs.confirm(Confirm(_bytes_arg(args, "h_c")))
         except AuthenticationFailed:
             self.stats.login_failures += 1
+            self.audit("login", "failed", hs.user, pending.address, "wrong password or unknown user")
             raise
         if not hs.known_user:  # cannot happen: nobody knows a fake record's π
             raise AuthenticationFailed("authentication failed")
@@ -216,6 +240,7 @@ class SessionGuard:
                                             self._clock() + self.settings.session_ttl_s, peer=peer, may_read=may_read)
         self._made_with[sid] = hs.record_verifier
         self.stats.logins += 1
+        self.audit("login", "ok", hs.user, pending.address, "")
         self.stats.sessions = len(self.sessions)
         return {"h_s": pass4.h_s, "nonce": pass4.nonce, "keys": pass4.wrapped, "version": pass4.version}
 
@@ -225,6 +250,7 @@ class SessionGuard:
         user = self.policy.os_user(uid)
         if user is None:
             self.stats.login_failures += 1
+            self.audit("login", "failed", f"uid {uid}", f"uid {uid}", "not an OS user of this site")
             raise AuthenticationFailed(f"authentication failed: uid {uid} is not an OS user of this site")
         self._make_room(user)
         sid, c2s, s2c = new_session_keys(self._rng)
@@ -237,6 +263,7 @@ class SessionGuard:
                                             self._clock() + self.settings.session_ttl_s, peer=peer, may_read=may_read)
         self._made_with[sid] = uid
         self.stats.logins += 1
+        self.audit("login", "ok", user, f"uid {uid}", "local login")
         self.stats.sessions = len(self.sessions)
         return {"user": user, "pk": lg.pk, "nonce": lg.nonce, "keys": lg.wrapped, "version": lg.version,
                 "site": self.policy.site, "instance_id": self.instance_id}
@@ -363,6 +390,7 @@ class SessionGuard:
         entries = tuple(s.wrap_group_keys(epoch, keys) for s in self.sessions.values() if s.may_read)
         log.info("%s@%s: group key rotated to epoch %d (%s), %d sessions served",
                  self.schema, self.cell, self.keys.epoch, reason, len(entries))
+        self.audit("key_rotation", "ok", "", "", f"epoch {self.keys.epoch}: {reason}; {len(entries)} sessions served")
         return [encode_rekey(Rekey(self.instance_id, epoch, entries))]
 
     def revoke(self, session_ids: set[bytes] | frozenset[bytes], reason: str = "revoked") -> list[list[bytes]]:

@@ -12,10 +12,11 @@ answers, for a user, a schema and a cell:
 - the user's **right**: the highest over its effective groups (none < read < update).
   An unknown or disabled user has none.
 
-One exception keeps verifier records safe: the security model's own schemas (module
-``UPerm``) are never reached by a (``default``, ``default``) rule, only by rules that name
-their module, so that "everyone reads everything" does not hand out the verifier records
-of ``UPerm::Config`` (which would allow offline password guessing).
+One exception keeps verifier records and the audit trail safe: the security model's own
+schemas (modules ``UPerm`` and ``UAudit``) are never reached by a (``default``,
+``default``) rule, only by rules that name their module, so that "everyone reads
+everything" does not hand out the verifier records of ``UPerm::Config`` (which would
+allow offline password guessing) nor the trail of who did what from where.
 
 A rule's right may also be ``none``: the most specific rule decides for its group (a
 (G, M, ``default``, read) with (G, M, S, none) keeps G off M::S). It never takes away
@@ -54,7 +55,7 @@ __all__ = [
 
 DEFAULT = "default"
 """The wildcard of a rule's module or schema."""
-SECURITY_MODULES = frozenset({"UPerm"})
+SECURITY_MODULES = frozenset({"UPerm", "UAudit"})
 """Modules a (default, default) rule never reaches (see the module docstring)."""
 SITE_CELL = "Site"
 
@@ -172,6 +173,7 @@ class PolicyModel:
         rules: Iterable[Rule] = (),
         levels: Mapping[str, Protection] | None = None,
         parents: Mapping[str, str | None] | None = None,
+        lockouts: Mapping[tuple[str, str], float] | None = None,
     ) -> None:
         self.users: Mapping[str, User] = {u.name: u for u in users}
         self.groups: Mapping[str, Group] = {g.name: g for g in groups}
@@ -179,6 +181,8 @@ class PolicyModel:
         self.rules: Mapping[tuple[str, str, str], Rule] = {(r.group, r.module, r.schema): r for r in rules}
         self.levels: Mapping[str, Protection] = dict(levels or {})
         self.parents: Mapping[str, str | None] = dict(parents or {SITE_CELL: None})
+        self.lockouts: Mapping[tuple[str, str], float] = dict(lockouts or {})
+        """(``user`` | ``address``, subject) → until (unix time): who may not log in now."""
         self._by_uid = {u.uid: u for u in self.users.values() if u.kind == UserKind.OS and u.uid is not None}
         self._member_of: dict[str, list[Membership]] = {}
         for m in sorted(self.members, key=lambda m: (m.group, m.cell)):
@@ -202,6 +206,14 @@ class PolicyModel:
         """The enabled OS user with this Unix uid, if any."""
         u = self._by_uid.get(uid)
         return u if u is not None and u.enabled else None
+
+    def locked_out(self, user: str, address: str, now: float) -> float | None:
+        """Until when (unix time) a login of ``user`` from ``address`` is refused, if it is."""
+        if not self.lockouts:
+            return None
+        until = max(self.lockouts.get(("user", user), 0.0), self.lockouts.get(("address", address), 0.0)
+                    if address else 0.0)
+        return until if until > now else None
 
     def level(self, schema: str) -> Protection | None:
         return self.levels.get(schema)

@@ -66,6 +66,8 @@ class SecurityPolicy(Protocol):
 
     def level(self, schema: str) -> Protection | None: ...
 
+    def locked_out(self, user: str, address: str, now: float) -> float | None: ...
+
     def refresh(self) -> bool: ...
 
 
@@ -163,6 +165,9 @@ class ModelPolicy:
     def level(self, schema: str) -> Protection | None:
         return self.model.level(schema)
 
+    def locked_out(self, user: str, address: str, now: float) -> float | None:
+        return self.model.locked_out(user, address, now)
+
 
 class StaticPolicy:
     """An in-memory policy: for tests, embedded sites, and instances with no store.
@@ -187,6 +192,7 @@ class StaticPolicy:
         self.fake_params = fake_params
         self.groups = dict(groups or {})
         self.os_users: dict[int, str] = {}
+        self.lockouts: dict[tuple[str, str], float] = {}
         self._changed = False
 
     def __repr__(self) -> str:
@@ -227,6 +233,10 @@ class StaticPolicy:
 
     def level(self, schema: str) -> Protection | None:
         return self.levels.get(schema)
+
+    def locked_out(self, user: str, address: str, now: float) -> float | None:
+        until = max(self.lockouts.get(("user", user), 0.0), self.lockouts.get(("address", address), 0.0))
+        return until if until > now else None
 
     def refresh(self) -> bool:
         changed, self._changed = self._changed, False

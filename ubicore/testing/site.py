@@ -112,6 +112,7 @@ def site_yaml(
     name: str = "test",
     security: Mapping[str, Any] | None = None,
     run_dir: Path | None = None,
+    audit: Mapping[str, Any] | None = None,
 ) -> str:
     """The text of a small valid site file whose core listens on the given ports.
 
@@ -145,6 +146,8 @@ def site_yaml(
         del doc["imports"]
     if security:
         doc["security"] = dict(security)
+    if audit:
+        doc["audit"] = dict(audit)
     if run_dir is not None:
         doc["run_dir"] = str(run_dir)
     header = "# A site for tests, written by ubicore.testing.site.site_yaml.\n"
@@ -346,6 +349,7 @@ async def running_site(
     register_wait_s: float = REGISTER_WAIT_S,
     security: Mapping[str, Any] | None = None,
     run_dir: Path | None = None,
+    audit: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[RunningSite]:
     """Serve a :func:`site_yaml` site under ``tmp_path`` while the block runs.
 
@@ -354,12 +358,13 @@ async def running_site(
     file is written to ``tmp_path/site.yaml`` and the dataset lives in
     ``tmp_path/dataset``. Its policy is the factory one (``ubi site init``) with
     :data:`OPERATOR` as the administrator and :data:`TEST_KDF` costs; this process's
-    account is its OS service user; :attr:`RunningSite.client` logs in as the operator. ``security`` becomes the site file's ``security`` section.
+    account is its OS service user; :attr:`RunningSite.client` logs in as the operator. ``security`` and ``audit`` become the site file's sections of those names.
     """
     core_port, event_port = free_ports(2)
     text = site_yaml(tmp_path / "dataset", core_port=core_port, event_port=event_port,
                      extra_deployments=extra_deployments, imports=imports,
-                     positions_rate_hz=positions_rate_hz, security=security, run_dir=run_dir)
+                     positions_rate_hz=positions_rate_hz, security=security, run_dir=run_dir,
+                     audit=audit)
     path = tmp_path / "site.yaml"
     path.write_text(text, encoding="utf-8")
     site = parse_site(text, path)

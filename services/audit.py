@@ -1,0 +1,126 @@
+"""``UAudit::Log`` and ``UAudit::Alerts``: the site's audit trail and its alert channel.
+
+Two core schema services (DESIGN.md §8), both fully protected and run by the core.
+
+``UAudit::Log`` holds the trail: one ``records`` row per security-relevant event
+(logins, denials, update operations, security-model changes, key rotations, rejected
+messages, starts and stops, lockouts and alerts), each chained to the one before by its
+hash and MACed under the audit key (ubicore/audit/chain.py), which the core keeps in its
+own 0600 file, apart from the trail. Instances and controllers ``append`` what they
+spooled (ubicore/audit/trail.py); ``origins`` remembers the last event taken from each
+spool, so a batch sent twice is recorded once. ``tail`` and ``search`` read it. Who may:
+the factory policy lets ``services`` append and ``admin`` read; a (default, default)
+rule never reaches UAudit.
+
+``UAudit::Alerts`` is the alert channel: one ``alerts`` row per threshold crossed (failed
+logins per user or address, denials, rejected messages), the newest
+:data:`MAX_ALERTS` kept. Follow it (``ubi watch Site UAudit::Alerts``) to see attacks
+as they happen. Lockouts themselves live in ``UPerm::Config`` (``lockouts``), where
+every instance's policy sees them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ubicore.errors import BadArguments
+from ubicore.schema import Column, Relation, Schema, read, update
+from ubicore.store import Transaction
+
+LOG = "UAudit::Log"
+ALERTS = "UAudit::Alerts"
+MAX_ALERTS = 1000
+MAX_EVENTS_PER_APPEND = 1000
+MAX_READ = 10_000
+
+
+class Writer(Protocol):
+    """What the core plugs into ``UAudit::Log`` (ubicore/audit/trail.py's CoreWriter)."""
+
+    def stage_remote(self, tx: Transaction, origin: str, submitter: str, events: list[Any]) -> int: ...
+
+
+class Log(Schema, name=LOG, protection="full"):
+    """The audit trail of a site."""
+
+    records = Relation(
+        Column("seq", int),
+        Column("time", float),
+        Column("host", str),
+        Column("cell", str),
+        Column("schema", str),
+        Column("principal", str),
+        Column("address", str),
+        Column("action", str),
+        Column("outcome", str),
+        Column("detail", str),
+        Column("origin", str),
+        Column("prev", bytes),
+        Column("hash", bytes),
+        Column("mac", bytes),
+        key=("seq",),
+        persistent=True,
+    )
+    origins = Relation(Column("origin", str), Column("last", int), key=("origin",), persistent=True)
+
+    writer: Writer | None = None
+    """Set by the core; without it, ``append`` is refused."""
+
+    @update
+    def append(self, tx: Transaction, origin: str, events: list[Any]) -> dict[str, int]:
+        """Record ``events`` spooled by ``origin`` (a spool's id and its process's name,
+        ``"<16 hex>:<name>"``): each ``[n, time, host, cell, schema, principal, address,
+        action, outcome, detail]`` with ``n`` rising within the spool. Events already
+        taken from this spool are skipped. Returns ``{"last": n}``: the spool may forget
+        everything up to ``n``."""
+        if self.writer is None:
+            raise BadArguments("this instance of UAudit::Log takes no appends (it is not the core's)")
+        if not 1 <= len(origin) <= 200:
+            raise BadArguments("origin: 1..200 characters", {"argument": "origin"})
+        if len(events) > MAX_EVENTS_PER_APPEND:
+            raise BadArguments(f"at most {MAX_EVENTS_PER_APPEND} events an append", {"argument": "events"})
+        return {"last": self.writer.stage_remote(tx, origin, self.caller, events)}
+
+    @read
+    def tail(self, tx: Transaction, count: int = 20) -> list[dict[str, Any]]:
+        """The newest ``count`` records, oldest first."""
+        if not 1 <= count <= MAX_READ:
+            raise BadArguments(f"count: 1..{MAX_READ}", {"argument": "count"})
+        rows = sorted(tx.records, key=lambda r: r.seq)[-count:]
+        return [_shown(r) for r in rows]
+
+    @read
+    def search(
+        self, tx: Transaction, user: str = "", action: str = "", cell: str = "", since: float = 0.0,
+        outcome: str = "", limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        """Records matching every filter given (``user``: the principal; ``since``: unix
+        time), oldest first, at most ``limit`` (the newest ones)."""
+        if not 1 <= limit <= MAX_READ:
+            raise BadArguments(f"limit: 1..{MAX_READ}", {"argument": "limit"})
+        found = [r for r in tx.records
+                 if (not user or r.principal == user) and (not action or r.action == action)
+                 and (not cell or r.cell == cell) and r.time >= since and (not outcome or r.outcome == outcome)]
+        found.sort(key=lambda r: r.seq)
+        return [_shown(r) for r in found[-limit:]]
+
+
+def _shown(row: Any) -> dict[str, Any]:
+    """A record as the tools show it: the proofs stay in the trail."""
+    return {k: v for k, v in row._asdict().items() if k not in ("prev", "hash", "mac")}
+
+
+class Alerts(Schema, name=ALERTS, protection="full"):
+    """The alert channel of a site."""
+
+    alerts = Relation(
+        Column("id", int),
+        Column("time", float),
+        Column("kind", str),
+        Column("subject", str),
+        Column("count", int),
+        Column("window_s", float),
+        Column("lockout_s", float),
+        key=("id",),
+        persistent=True,
+    )

@@ -1,0 +1,572 @@
+"""Feeding the audit trail: from every process to ``UAudit::Log`` at the core.
+
+Producers. An instance (and a controller) reports what happens through an
+:class:`Auditor`: a callable ``(action, outcome, principal, address, detail)`` that
+stamps the time, host, cell and schema, applies the site's
+``skip_users_containing`` filter (never to failed logins or rejected messages: a
+guesser could otherwise hide behind the filter) and caps rejected-message records at
+:data:`REJECTED_PER_S` a second (the rest are counted into the next one).
+
+Spooling. Outside the core, events go to a :class:`Spool` first: an append-only file
+per process under the site's spool directory (``<dataset>/spool``), written before the
+action's reply leaves (so a crash of the process loses nothing it acknowledged). A
+:class:`Shipper` sends what the core has not acknowledged yet in batches
+(``UAudit::Log.append``, as the process's service user) and retries while the core is
+down; on restart a process ships what its previous run left. Each event carries its
+spool's sequence number; the core remembers the last one taken per spool, so a batch
+sent twice (its acknowledgement lost) is recorded once.
+
+The spool file: ``b"UBISPOOL"``, a version byte (1), the spool's 16-byte id, then
+frames of a 4-byte big-endian length and a msgpack array ``[n, time, host, cell, schema,
+principal, address, action, outcome, detail]``. A torn last frame (a crash mid-write)
+is cut off at open. ``<name>.ack`` holds the last ``n`` the core acknowledged (8 bytes,
+big-endian). Once everything is acknowledged the spool is emptied.
+
+At the core. :class:`CoreWriter` is the one writer of the trail: the core's own events
+and every ``append`` go through it, chained and MACed (ubicore/audit/chain.py), with a
+signed checkpoint every ``checkpoint_records`` records or ``checkpoint_s`` seconds. It
+feeds every committed record to the thresholds (ubicore/audit/watch.py): an alert goes
+to ``UAudit::Alerts`` and into the trail; a lockout goes to ``UPerm::Config``'s
+``lockouts``, where every instance's guard sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from ..config.model import AuditConfig, SiteConfig
+from ..errors import CredentialsError, RemoteError
+from ..security.policy import DEFAULT_USER
+from .chain import ACTIONS, OUTCOMES, Chain, Event, Record, check_event
+from .keys import AuditKeys, append_checkpoint
+from .watch import Alert, Lockout, Watch
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AUDIT_LOG",
+    "AUDIT_ALERTS",
+    "Auditor",
+    "CoreWriter",
+    "Shipper",
+    "Spool",
+    "audit_paths",
+]
+
+AUDIT_LOG = "UAudit::Log"
+AUDIT_ALERTS = "UAudit::Alerts"
+REJECTED_PER_S = 100
+SPOOL_MAGIC = b"UBISPOOL"
+SPOOL_VERSION = 1
+SPOOL_ID_BYTES = 16
+SPOOL_HEADER = len(SPOOL_MAGIC) + 1 + SPOOL_ID_BYTES
+MAX_FRAME = 64 * 1024
+MAX_MEMORY_EVENTS = 100_000
+"""Unacknowledged events held in memory; beyond that the shipper reads them back from the file."""
+SHIP_BATCH = 500
+SHIP_RETRY_MAX_S = 5.0
+SHIP_WARN_EVERY_S = 30.0
+FSYNC_EVERY_S = 1.0
+
+
+def audit_paths(site: SiteConfig) -> tuple[Path, Path, Path]:
+    """(audit key file, checkpoint file, spool directory) of ``site``."""
+    cfg, base = site.audit, Path(site.dataset)
+    return (cfg.key_file or base / "audit" / "audit.key", cfg.checkpoint_file or base / "audit" / "checkpoints",
+            cfg.spool_dir or base / "spool")
+
+
+def _never_skipped(action: str, outcome: str) -> bool:
+    return action == "rejected" or (action == "login" and outcome != "ok")
+
+
+class Auditor:
+    """Stamps and filters what one process reports, then hands it to ``sink``."""
+
+    __slots__ = ("sink", "host", "cell", "schema", "skip", "_clock", "_second", "_rejected", "_dropped")
+
+    def __init__(
+        self, sink: Callable[[Event], None], *, host: str, cell: str = "", schema: str = "",
+        config: AuditConfig = AuditConfig(), clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.sink, self.host, self.cell, self.schema = sink, host, cell, schema
+        self.skip = config.skip_users_containing
+        self._clock = clock
+        self._second = 0
+        self._rejected = 0
+        self._dropped = 0
+
+    def __call__(self, action: str, outcome: str, principal: str, address: str, detail: str) -> None:
+        if self.skip and self.skip in principal and not _never_skipped(action, outcome):
+            return
+        now = self._clock()
+        if action == "rejected":
+            second = int(now)
+            if second != self._second:
+                self._second, self._rejected = second, 0
+            self._rejected += 1
+            if self._rejected > REJECTED_PER_S:
+                self._dropped += 1
+                return
+            if self._dropped:
+                detail = f"{detail} (and {self._dropped} more rejected before this one, not recorded one by one)"
+                self._dropped = 0
+        try:
+            self.sink(Event(now, self.host, self.cell, self.schema, principal, address, action, outcome, detail))
+        except Exception:  # the trail must never take an action down with it
+            log.exception("audit record lost: %s %s", action, outcome)
+
+    def child(self, *, cell: str, schema: str) -> Auditor:
+        """The same sink, stamped with another cell and schema (the core's services)."""
+        return Auditor(self.sink, host=self.host, cell=cell, schema=schema,
+                       config=AuditConfig(skip_users_containing=self.skip), clock=self._clock)
+
+
+# --- the spool -------------------------------------------------------------------------------
+
+
+def _event_row(n: int, e: Event) -> list[Any]:
+    return [n, e.time, e.host, e.cell, e.schema, e.principal, e.address, e.action, e.outcome, e.detail]
+
+
+def event_from_row(row: Any) -> tuple[int, Event]:
+    """(spool number, event) from an appended row; ValueError if it is not one."""
+    if not isinstance(row, (list, tuple)) or len(row) != 10:
+        raise ValueError("an event is a list of 10 fields")
+    n, t = row[0], row[1]
+    if type(n) is not int or n < 1 or type(t) not in (int, float):
+        raise ValueError("an event starts with its number and its time")
+    if not all(type(v) is str for v in row[2:]):
+        raise ValueError("an event's fields after the time are text")
+    event = check_event(Event(float(t), *row[2:]))
+    return n, event
+
+
+class Spool:
+    """One process's spool file (see the module docstring). Not thread-safe: one loop."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.name = name
+        self.path, self._fd = self._open_locked(directory, name)
+        self.ack_path = self.path.with_suffix(".ack")
+        try:
+            self.spool_id, events = self._load()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.origin = f"{self.spool_id.hex()}:{name}"
+        self.acked = self._read_ack()
+        self._memory: deque[tuple[int, bytes]] = deque(
+            (n, packed) for n, packed in events if n > self.acked)
+        self._complete = True  # every unacknowledged event is in memory
+        self.last = max([self.acked, *(n for n, _ in events)])
+        self.written = os.lseek(self._fd, 0, os.SEEK_END)
+        self.wakeup = asyncio.Event()
+        self._dirty_since: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<Spool {self.name} last={self.last} acked={self.acked}>"
+
+    @staticmethod
+    def _open_locked(directory: Path, name: str) -> tuple[Path, int]:
+        """The spool file, locked for this process; if another live process holds it (a
+        restart overlapping the old run's exit), after a moment a file of our own."""
+        for attempt in range(50):
+            path = directory / f"{name}.spool" if attempt < 49 else directory / f"{name}.{os.getpid()}.spool"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return path, fd
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                time.sleep(0.1)
+        raise RuntimeError("unreachable")  # pragma: no cover
+
+    def _load(self) -> tuple[bytes, list[tuple[int, bytes]]]:
+        data = b""
+        chunks = []
+        while chunk := os.read(self._fd, 1 << 20):
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        if len(data) < SPOOL_HEADER or data[:len(SPOOL_MAGIC)] != SPOOL_MAGIC or data[len(SPOOL_MAGIC)] != SPOOL_VERSION:
+            if data:
+                log.error("audit spool %s is not a spool (or of another version): starting it anew", self.path)
+            spool_id = os.urandom(SPOOL_ID_BYTES)
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, SPOOL_MAGIC + bytes([SPOOL_VERSION]) + spool_id, 0)
+            os.fsync(self._fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path.with_suffix(".ack"))
+            return spool_id, []
+        spool_id = data[len(SPOOL_MAGIC) + 1:SPOOL_HEADER]
+        events: list[tuple[int, bytes]] = []
+        at = SPOOL_HEADER
+        while at + 4 <= len(data):
+            (length,) = struct.unpack_from(">I", data, at)
+            if length > MAX_FRAME or at + 4 + length > len(data):
+                break
+            packed = data[at + 4:at + 4 + length]
+            try:
+                n = msgpack.unpackb(packed)[0]
+            except Exception:
+                break
+            if type(n) is not int:
+                break
+            events.append((n, packed))
+            at += 4 + length
+        if at != len(data):
+            log.warning("audit spool %s: a torn last record (a crash mid-write) is cut off", self.path)
+            os.ftruncate(self._fd, at)
+        return spool_id, events
+
+    def _read_ack(self) -> int:
+        try:
+            raw = self.ack_path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        return struct.unpack(">Q", raw)[0] if len(raw) == 8 else 0
+
+    def put(self, event: Event) -> None:
+        """Append one event, to the file at once (the process may crash right after)."""
+        self.last += 1
+        packed = msgpack.packb(_event_row(self.last, event), use_bin_type=True)
+        frame = struct.pack(">I", len(packed)) + packed
+        os.write(self._fd, frame)
+        self.written += len(frame)
+        if len(self._memory) < MAX_MEMORY_EVENTS:
+            self._memory.append((self.last, packed))
+        else:
+            self._complete = False
+        if self._dirty_since is None:
+            self._dirty_since = time.monotonic()
+        self.wakeup.set()
+
+    def pending(self, limit: int = SHIP_BATCH) -> list[Any]:
+        """Up to ``limit`` unacknowledged events, oldest first, as ``append`` takes them."""
+        if not self._memory and not self._complete:
+            self._reload()
+        return [msgpack.unpackb(packed) for _, packed in list(self._memory)[:limit]]
+
+    def _reload(self) -> None:
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        _, events = self._load()
+        self._memory = deque((n, p) for n, p in events if n > self.acked)
+        while len(self._memory) > MAX_MEMORY_EVENTS:
+            self._memory.pop()
+        self._complete = not events or events[-1][0] <= (self._memory[-1][0] if self._memory else self.acked)
+        os.lseek(self._fd, 0, os.SEEK_END)
+
+    def acknowledge(self, last: int) -> None:
+        """The core has every event up to ``last``: forget them (empty the file when all are)."""
+        if last <= self.acked:
+            return
+        self.acked = min(last, self.last)
+        while self._memory and self._memory[0][0] <= self.acked:
+            self._memory.popleft()
+        tmp = self.ack_path.with_suffix(".ack.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, struct.pack(">Q", self.acked))
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.ack_path)
+        if self.acked == self.last and self._complete:
+            os.ftruncate(self._fd, SPOOL_HEADER)
+            os.lseek(self._fd, 0, os.SEEK_END)
+            self.written = SPOOL_HEADER
+
+    def sync(self) -> None:
+        """fsync what was written (the shipper does it every FSYNC_EVERY_S)."""
+        if self._dirty_since is not None:
+            os.fsync(self._fd)
+            self._dirty_since = None
+
+    @property
+    def backlog(self) -> int:
+        return self.last - self.acked
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                self.sync()
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Shipper:
+    """Sends a spool's events to ``UAudit::Log`` with ``call`` (a client's call bound to
+    the process's service credentials) until closed; see the module docstring."""
+
+    def __init__(self, spool: Spool, call: Callable[..., Any]) -> None:
+        self.spool = spool
+        self._call = call
+        self._task: asyncio.Task[None] | None = None
+        self.shipped = 0
+        self.failures = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"audit shipper {self.spool.name}")
+
+    async def _run(self) -> None:
+        delay = 0.05
+        warned = 0.0
+        last_sync = time.monotonic()
+        while True:
+            if time.monotonic() - last_sync >= FSYNC_EVERY_S:
+                self.spool.sync()
+                last_sync = time.monotonic()
+            if not self.spool.backlog:
+                self.spool.wakeup.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.spool.wakeup.wait(), FSYNC_EVERY_S)
+                continue
+            try:
+                await self.ship_once()
+                delay = 0.05
+            except (RemoteError, CredentialsError, OSError) as exc:
+                self.failures += 1
+                if time.monotonic() - warned > SHIP_WARN_EVERY_S:
+                    warned = time.monotonic()
+                    log.warning("audit records not delivered yet (%d spooled in %s): %s",
+                                self.spool.backlog, self.spool.path, exc)
+                await asyncio.sleep(delay)
+                delay = min(SHIP_RETRY_MAX_S, delay * 2)
+
+    async def ship_once(self, timeout_s: float = 5.0) -> int:
+        """Send one batch; how many events the core now holds from this spool."""
+        batch = self.spool.pending()
+        if not batch:
+            return 0
+        answer = await self._call(AUDIT_LOG, "append", origin=self.spool.origin, events=batch, timeout_s=timeout_s)
+        last = answer.get("last") if isinstance(answer, dict) else None
+        if type(last) is not int:
+            raise RemoteError("UAudit::Log answered append without 'last'")
+        before = self.spool.acked
+        self.spool.acknowledge(last)
+        self.shipped += self.spool.acked - before
+        return self.spool.acked - before
+
+    async def close(self, flush_s: float = 1.0) -> None:
+        """Stop; first try (for up to ``flush_s``) to deliver what is spooled."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        deadline = time.monotonic() + flush_s
+        while self.spool.backlog and time.monotonic() < deadline:
+            try:
+                await self.ship_once(timeout_s=max(0.05, deadline - time.monotonic()))
+            except (RemoteError, CredentialsError, OSError):
+                break
+        self.spool.close()
+
+
+# --- the core's writer ---------------------------------------------------------------------------
+
+
+class CoreWriter:
+    """The one writer of ``UAudit::Log`` (see the module docstring).
+
+    ``log_core`` is the trail's InstanceCore, ``alerts_core`` the alert channel's;
+    ``lockouts`` writes the policy's lockouts (a callable taking the current lockouts).
+    """
+
+    def __init__(
+        self, log_core: Any, alerts_core: Any, keys: AuditKeys, checkpoint_path: Path, config: AuditConfig,
+        lockouts: Callable[[list[Lockout]], None], *, host: str, clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.core = log_core
+        self.alerts_core = alerts_core
+        self.keys = keys
+        self.checkpoint_path = checkpoint_path
+        self.config = config
+        self._write_lockouts = lockouts
+        self.host = host
+        self._clock = clock
+        last = max(log_core.store.tables["records"].values(), key=lambda r: r.seq, default=None)
+        self.committed = (last.seq, last.hash) if last is not None else (0, bytes(32))
+        self._since_checkpoint = 0
+        self._checkpointed = self.committed[0]
+        self._staged: tuple[int, bytes, list[Record]] | None = None
+        self._queue: list[tuple[Event, str]] = []
+        self._scheduled = False
+        self.watch = Watch(config)
+        self._observing: list[Record] = []
+        self.appended = 0
+        self._wrap_commit()
+
+    def _wrap_commit(self) -> None:
+        committed = self.core._on_commit
+
+        def on_commit() -> None:
+            committed()
+            self._adopt()
+
+        self.core._on_commit = on_commit
+
+    # producers ------------------------------------------------------------------------------
+
+    def local(self, event: Event) -> None:
+        """An event of the core itself: recorded within this loop turn."""
+        self._queue.append((event, f"core on {self.host}"))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Record the core's own queued events (one transaction)."""
+        self._scheduled = False
+        queue, self._queue = self._queue, []
+        if not queue:
+            return
+        tx = self.core.store.transaction(writable=True)
+        try:
+            self._stage(tx, [(ev, origin) for ev, origin in queue])
+            self.core.commit(tx)
+        except Exception:
+            tx.rollback()
+            self._staged = None
+            log.exception("the core could not record %d audit events", len(queue))
+
+    def stage_remote(self, tx: Any, origin: str, submitter: str, events: list[Any]) -> int:
+        """``UAudit::Log.append``: stage the new events of ``origin`` in ``tx``; the
+        last spool number taken. BadArguments for a malformed event (nothing staged)."""
+        from ..errors import BadArguments
+
+        row = tx.origins.get(origin)
+        last = row.last if row is not None else 0
+        label = f"{origin.partition(':')[2] or origin} as {submitter}"
+        fresh: list[tuple[Event, str]] = []
+        newest = last
+        for i, raw in enumerate(events):
+            try:
+                n, event = event_from_row(raw)
+            except ValueError as exc:
+                raise BadArguments(f"events[{i}]: {exc}", {"argument": "events"}) from None
+            if n <= newest:
+                continue
+            newest = n
+            fresh.append((event, label))
+        self._stage(tx, fresh)
+        if newest != last:
+            tx.origins.upsert(origin=origin, last=newest)
+        return newest
+
+    def _stage(self, tx: Any, events: Iterable[tuple[Event, str]]) -> None:
+        chain = Chain(self.keys, *self.committed)
+        records = []
+        for event, origin in events:
+            r = chain.append(event, origin)
+            tx.records.insert(seq=r.seq, time=r.time, host=r.host, cell=r.cell, schema=r.schema,
+                              principal=r.principal, address=r.address, action=r.action, outcome=r.outcome,
+                              detail=r.detail, origin=r.origin, prev=r.prev, hash=r.hash, mac=r.mac)
+            records.append(r)
+        self._staged = (chain.last_seq, chain.last_hash, records) if records else None
+
+    def _adopt(self) -> None:
+        staged, self._staged = self._staged, None
+        if staged is None:
+            return
+        seq, digest, records = staged
+        self.committed = (seq, digest)
+        self.appended += len(records)
+        self._since_checkpoint += len(records)
+        if self._since_checkpoint >= self.config.checkpoint_records:
+            self.checkpoint()
+        if not self._observing:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_soon(self._observe)
+        self._observing.extend(records)
+
+    # checkpoints ------------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Sign the newest record's place in the chain into the checkpoint file."""
+        seq, digest = self.committed
+        self._since_checkpoint = 0
+        if seq == 0 or seq == self._checkpointed:
+            return
+        try:
+            append_checkpoint(self.checkpoint_path, Chain(self.keys, seq, digest).checkpoint(self._clock()))
+            self._checkpointed = seq
+        except Exception:
+            log.exception("audit checkpoint not written to %s", self.checkpoint_path)
+
+    async def run(self) -> None:
+        """Checkpoint every ``checkpoint_s`` (while records keep coming)."""
+        while True:
+            await asyncio.sleep(self.config.checkpoint_s)
+            self.checkpoint()
+
+    # thresholds -------------------------------------------------------------------------------
+
+    def _observe(self) -> None:
+        records, self._observing = self._observing, []
+        locks: list[Lockout] = []
+        for r in records:
+            if r.action in ("alert", "lockout"):
+                continue
+            # ``default`` has no password to guess: its failed logins (it was removed or
+            # disabled) count per address only, never locking every anonymous client out.
+            principal = "" if r.principal == DEFAULT_USER and r.action == "login" else r.principal
+            for alert in self.watch.observe(time=r.time, action=r.action, outcome=r.outcome,
+                                            principal=principal, address=r.address):
+                self._alert(alert, locks)
+        if locks:
+            self._write_lockouts(self.watch.remembered(self._clock()))
+
+    def _alert(self, alert: Alert, locks: list[Lockout]) -> None:
+        tx = self.alerts_core.store.transaction(writable=True)
+        try:
+            alerts = tx.alerts
+            newest = max((a.id for a in alerts), default=0)
+            alerts.insert(id=newest + 1, time=alert.time, kind=alert.kind, subject=alert.subject, count=alert.count,
+                          window_s=alert.window_s, lockout_s=alert.lockout_s)
+            for old in sorted(alerts, key=lambda a: a.id)[:-1000]:
+                alerts.delete(old.id)
+            self.alerts_core.commit(tx)
+        except Exception:
+            tx.rollback()
+            log.exception("alert not published: %s", alert)
+        by_user = alert.kind.endswith("_user")
+        text = (f"{alert.count} {alert.kind.replace('_per_', ' per ').replace('_', ' ')} in {alert.window_s:g} s: "
+                f"{alert.subject}")
+        log.warning("ALERT %s", text)
+        self.local(Event(alert.time, self.host, "Site", AUDIT_ALERTS, alert.subject if by_user else "",
+                         "" if by_user else alert.subject, "alert", "refused", text))
+        if alert.lockout_s > 0:
+            kind = "user" if by_user else "address"
+            lk = self.watch.locked(kind, alert.subject, alert.time)
+            if lk is not None:
+                locks.append(lk)
+                self.local(Event(alert.time, self.host, "Site", AUDIT_ALERTS, alert.subject if by_user else "",
+                                 "" if by_user else alert.subject, "lockout", "ok",
+                                 f"{kind} {alert.subject} locked out for {lk.until - lk.since:.0f} s "
+                                 f"(strike {lk.strikes})"))
+
+    def lockouts_changed(self, rows: Iterable[Any]) -> None:
+        """The policy's lockouts as they are now: ones an operator cleared are forgotten."""
+        present = {(r.kind, r.subject) for r in rows}
+        for lk in self.watch.remembered(self._clock()):
+            if (lk.kind, lk.subject) not in present:
+                self.watch.clear(lk.kind, lk.subject)
+
+
+__all__ += ["ACTIONS", "OUTCOMES", "event_from_row"]
