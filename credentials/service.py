@@ -266,3 +266,38 @@ def obtain(
     for warning in rights.warnings(user) if rights is not None else ():
         print(f"ubi: warning: {warning}", file=sys.stderr)
     return credentials_of(cred, site), encode_cache([cred])
+
+
+def ensure_cached(site: SiteConfig, user: str | None = None) -> bool:
+    """On the core's host with the core down (the demo): make sure ``credentials.dat``
+    holds usable credentials of ``user`` (default: the site's service user), giving it a
+    new random password (kept nowhere) and caching that if not. True if it cached."""
+    import secrets
+
+    from ubicore.runtime import SERVICE_USER, add_service_user, offline_policy
+
+    from .cache import store_credential
+
+    user = user or SERVICE_USER
+    path = cache_path(site.dataset)
+    with offline_policy(site) as (_, tx):
+        row = tx.users.get(user)
+    with contextlib.suppress(CredentialsMissing):
+        cred = load_credential(path, site.name)
+        if row is not None and cred.user == user and row.enabled and ct_equal(cred.salt, row.salt):
+            return False
+    password = secrets.token_urlsafe(24)
+    if row is None:
+        add_service_user(site, user, password)
+    else:
+        from ubicore.security.amp import make_verifier
+
+        params = KdfParams(row.kdf_t, row.kdf_p, row.kdf_m_kib)
+        rec = make_verifier(user, site.name, password, params)
+        with offline_policy(site) as (obj, tx):
+            obj.set_password(tx, user, salt=rec.salt, verifier=rec.verifier, t=params.t, p=params.p,
+                             m_kib=params.m_kib)
+            obj.set_enabled(tx, user, True)
+    cred, _ = check_offline(site, user, password)
+    store_credential(path, cred)
+    return True

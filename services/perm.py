@@ -426,6 +426,27 @@ def build_model(rows: Callable[[str], Iterable[Any]], parents: Mapping[str, str 
     return Built(model, site.name if site is not None else "", kdf, site.fake_key if site is not None else b"")
 
 
+SERVICE_RULES = (
+    (SERVICES_GROUP, MODULE, NAME, Right.READ),  # instances follow the policy
+    (SERVICES_GROUP, "UNaming", "Registry", Right.UPDATE),  # and register with naming
+    (ADMIN_GROUP, "UAudit", DEFAULT, Right.READ),  # (default, default) never reaches UAudit either
+    (SERVICES_GROUP, "UAudit", "Log", Right.UPDATE),  # every process appends to the trail
+)
+"""The factory rules the site's own processes need (added to the factory policy by
+issues 5 and 6: a site initialised before lacks some; :func:`add_missing_service_rules`)."""
+
+
+def add_missing_service_rules(tx: Transaction) -> list[tuple[str, str, str, str]]:
+    """Add each of :data:`SERVICE_RULES` whose (group, module, schema) has no rule yet and
+    whose group exists: the rules added. A rule an operator set is never changed."""
+    added = []
+    for group, module, schema, right in SERVICE_RULES:
+        if tx.groups.get(group) is not None and tx.rules.get(group, module, schema) is None:
+            tx.rules.insert(group=group, module=module, schema=schema, right=right.label)
+            added.append((group, module, schema, right.label))
+    return added
+
+
 def write_factory_policy(
     tx: Transaction, site: str, kdf: KdfParams, admin: VerifierRecord, default: VerifierRecord,
     os_user: tuple[str, int] | None = None,
@@ -451,9 +472,6 @@ def write_factory_policy(
         (ADMIN_GROUP, DEFAULT, DEFAULT, Right.UPDATE),
         (ADMIN_GROUP, MODULE, DEFAULT, Right.UPDATE),  # (default, default) never reaches UPerm
         (EVERYONE_GROUP, DEFAULT, DEFAULT, Right.READ),
-        (SERVICES_GROUP, MODULE, NAME, Right.READ),  # instances follow the policy
-        (SERVICES_GROUP, "UNaming", "Registry", Right.UPDATE),  # and register with naming
-        (ADMIN_GROUP, "UAudit", DEFAULT, Right.READ),  # (default, default) never reaches UAudit either
-        (SERVICES_GROUP, "UAudit", "Log", Right.UPDATE),  # every process appends to the trail
+        *SERVICE_RULES,
     ):
         tx.rules.insert(group=group, module=module, schema=schema, right=right.label)

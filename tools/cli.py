@@ -512,6 +512,10 @@ from . import security_cli  # noqa: E402  (registers ``ubi security``)
 
 security_cli.register(cli)
 
+from . import audit_cli  # noqa: E402  (registers ``ubi audit``)
+
+audit_cli.register(cli)
+
 
 def main() -> None:
     cli(prog_name="ubi")

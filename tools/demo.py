@@ -8,12 +8,18 @@ rate) so that the whole path (login → sealed call → commit → channel → c
 is on screen. The three protection levels run side by side (``cells/demo.yaml``), and an
 eavesdropper with no session subscribes to the fully protected zone: it counts what it
 receives and shows that none of it is readable.
+
+The controllers run with ``-d`` on the service credentials cached in the dataset (the
+site's service user, ``site-service``). At start the demo shows an anonymous update
+refused (with the line the login prompt would show) and a login with a wrong password,
+then that failed login's record in the audit trail (``UAudit::Log``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import itertools
 import secrets
 import time
@@ -24,7 +30,7 @@ from ubicore.cache import Cache
 from ubicore.client import Client
 from ubicore.config.model import SiteConfig
 from ubicore.controller import run_site
-from ubicore.errors import PermissionDenied, RemoteError
+from ubicore.errors import AuthenticationFailed, PermissionDenied, RemoteError
 from ubicore.login import requirement
 from ubicore.protocol.messages import Delta, Heartbeat, Rekey, SealedEvent
 
@@ -34,6 +40,7 @@ from ubicore.security.primitives import DEFAULT_KDF
 from ubicore.sessions import Credentials
 from ubicore.transport.channel import Subscription
 
+from .audit_cli import record_line
 from .format import change_text, table
 
 CONFIG = "ULocationSystem::ConfigurationUpdate"
@@ -81,6 +88,7 @@ def prepare_demo_user(site: SiteConfig) -> tuple[Credentials, str, str | None]:
     rec = make_verifier(DEMO_USER, site.name, password, DEFAULT_KDF)
     record = {"salt": rec.salt, "verifier": rec.verifier, "t": rec.params.t, "p": rec.params.p, "m_kib": rec.params.m_kib}
     with offline_policy(site) as (perm, tx):
+        importlib.import_module("ubicore.services.perm").add_missing_service_rules(tx)  # a dataset of an older demo
         if tx.users.get(DEMO_USER) is None:
             type(perm).add_user(perm, tx, DEMO_USER, groups=["admin", "everyone"], description="the demo's live client",
                                 **record)
@@ -116,11 +124,40 @@ async def live_client(
                 if info.protection == "full":
                     spies[plan.cell] = Eavesdropper(info.events)
         await show_denial(site, say)
+        await show_failed_login(site, client, say)
         try:
             await _show(site, client, caches, counts, spies, stop, say)
         finally:
             for spy in spies.values():
                 spy.close()
+
+
+async def show_failed_login(site: SiteConfig, client: Client, say: Callable[[str], None]) -> None:
+    """A login with a wrong password fails, and ``client`` (an administrator) finds its
+    record in the audit trail."""
+    config_cell = next((p.cell for p in site.instances if p.schema == CONFIG), None)
+    if config_cell is None:
+        return
+    started = time.time()
+    async with Client.for_site(site, credentials=Credentials.password(DEMO_USER, "not-the-password")) as guesser:
+        say(f"> (as {DEMO_USER}, a wrong password) call {config_cell} {CONFIG} set_rate sensor=S-001 rate_hz=3")
+        try:
+            await guesser.call(config_cell, CONFIG, "set_rate", sensor="S-001", rate_hz=3.0)
+        except AuthenticationFailed as exc:
+            say(f"  {exc.code}: {exc.message}")
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        try:
+            found = await client.call("Site", "UAudit::Log", "search", user=DEMO_USER, action="login",
+                                      outcome="failed", since=started)
+        except RemoteError as exc:
+            say(f"  (the audit trail cannot be read: {exc.code}: {exc.message})")
+            return
+        if found:
+            say(f"  the audit trail has it: {record_line(found[-1])}")
+            return
+        await asyncio.sleep(0.1)
+    say("  (its audit record has not reached the core yet)")
 
 
 async def show_denial(site: SiteConfig, say: Callable[[str], None]) -> None:
@@ -188,6 +225,10 @@ async def run_demo(site: SiteConfig, stop: asyncio.Event, say: Callable[[str], N
     credentials, password, admin_password = prepare_demo_user(site)
     if admin_password is not None:
         say(f"new site {site.name}: user administrator, password (shown once): {admin_password}")
+    service = importlib.import_module("ubicore.credentials.service")
+    if service.ensure_cached(site) and admin_password is None:
+        say("the site's service user site-service has new cached credentials")
+    say(f"controllers run with -d on the service credentials cached in {site.dataset / 'credentials.dat'}")
     say(f"user {DEMO_USER} is in admin (updates everything); its password for this run (shown once): {password}")
     say(f"  e.g. UBI_PASSWORD=... ubi --user {DEMO_USER} call Site {CONFIG} set_rate sensor=S-001 rate_hz=2")
     site_task = asyncio.create_task(run_site(site, stop, on_up=on_up))

@@ -34,6 +34,13 @@ def cell_text(value: Any) -> str:
     return str(value)
 
 
+def when(t: float) -> str:
+    """A unix time as the tools show it: local ISO date and time to the second."""
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A left-aligned text table with a header line."""
     body = [[cell_text(v) for v in row] for row in rows]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import pwd
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NoReturn, TypeVar
 
@@ -562,6 +563,49 @@ def explain(ctx: click.Context, user: str, schema_name: str, cell: str, right: s
     click.echo(fmt.to_json(answer) if as_json else explanation_text(answer))
     if not answer["allowed"]:
         sys.exit(EXIT_DENIED)
+
+
+# --- lockouts ----------------------------------------------------------------------------------------
+
+
+@security.group(invoke_without_command=True)
+@json_option
+@click.pass_context
+def lockouts(ctx: click.Context, as_json: bool) -> None:
+    """Users and client addresses that failed to log in too often (the site file's
+    audit thresholds) and may not log in until their back-off passes. Without a
+    sub-command: list them, the ones in force first."""
+    if ctx.invoked_subcommand is not None:
+        return
+    now = time.time()
+    rows = [{"kind": lk.kind, "subject": lk.subject, "since": lk.since, "until": lk.until, "strikes": lk.strikes,
+             "locked": lk.until > now} for lk in _read(ctx, "lockouts")["lockouts"]]
+    rows.sort(key=lambda r: (not r["locked"], r["kind"], r["subject"]))
+
+    def state(r: dict[str, Any]) -> str:
+        if r["locked"]:
+            return f"locked, {r['until'] - now:.0f} s left"
+        return "ended (its strikes still count)"
+
+    _show(rows, {"kind": lambda r: r["kind"], "subject": lambda r: r["subject"], "state": state,
+                 "since": lambda r: fmt.when(r["since"]), "strikes": lambda r: r["strikes"]}, as_json)
+
+
+@lockouts.command("clear")
+@click.option("--user", "user", default=None, help="The user to let log in again.")
+@click.option("--address", default=None, help="The client address to let log in again.")
+@click.pass_context
+def lockouts_clear(ctx: click.Context, user: str | None, address: str | None) -> None:
+    """End a lockout now and forget its strikes (give --user or --address)."""
+    if (user is None) == (address is None):
+        _fail("give exactly one of --user NAME or --address ADDRESS")
+    kind, subject = ("user", user) if user is not None else ("address", address)
+    assert subject is not None
+    async def body(client: Client) -> Any:
+        return await _call(client, "clear_lockout", kind=kind, subject=subject)
+
+    cleared = _session(ctx, body)
+    click.echo(f"lockout of {kind} {subject} cleared" if cleared else f"{kind} {subject} is not locked out")
 
 
 def register(cli: click.Group) -> None:

@@ -25,7 +25,15 @@ from typing import Any, TypeVar
 
 from .cache import Binding, Cache, Follower, _Joined
 from .config.model import SiteConfig
-from .errors import AuthenticationFailed, AuthenticationRequired, CallTimeout, NotFound, PermissionDenied, Unavailable
+from .errors import (
+    AuthenticationFailed,
+    AuthenticationRequired,
+    CallTimeout,
+    LockedOut,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from .localipc import trusted_endpoint
 from .login import MAX_ATTEMPTS, CredentialProvider, CredentialRequest, ask, requirement
 from .protocol.channel import Batch
@@ -139,8 +147,8 @@ class Client:
         try:
             return await attempt()
         except (PermissionDenied, AuthenticationFailed) as first:
-            if self.credential_provider is None or isinstance(first, CredentialsOutOfDate):
-                raise
+            if self.credential_provider is None or isinstance(first, (CredentialsOutOfDate, LockedOut)):
+                raise  # no other password helps: the cache is stale, or logins wait out a lockout
             err: PermissionDenied | AuthenticationFailed = first
         async with self._login_lock:  # one prompt at a time; a second denied call waits for it
             return await self._login_and_retry(schema, cell, operation, attempt, err, denied_as)
@@ -170,6 +178,9 @@ class Client:
             self.use_credentials(creds)
             try:
                 return await attempt()
+            except LockedOut:  # too many failures: asking again would only count more of them
+                self.use_credentials(previous)
+                raise
             except AuthenticationFailed as exc:  # a wrong password: back to who we were, ask again
                 self.use_credentials(previous)
                 err, failed = exc, True

@@ -39,7 +39,7 @@ from .errors import (
     Unavailable,
 )
 from .security.amp import CredentialsOutOfDate
-from .runtime import cache_tool_hint, check_initialised, resolve_schema, serve_core, serve_instance
+from .runtime import audit_trail, cache_tool_hint, check_initialised, resolve_schema, serve_core, serve_instance
 from .sessions import Credentials
 from .supervisor import Child, Supervisor, watch_parent
 
@@ -121,6 +121,10 @@ class HostController:
         self.supervisor = Supervisor(self._report)
         self.stopping = False
         self._stale_warned = -STALE_WARN_S
+        self.audit: Callable[[str, str, str, str, str], None] = lambda *event: None
+        self.own_client = True
+        """Whether :meth:`run` closes the client at its end (run_controller closes it later,
+        after the audit trail had its last word)."""
         handed = ("--credentials-stdin",) if handoff is not None else ()
         for name, plan in self.plans.items():
             self.supervisor.add(name, ubi_argv(site, "instance", plan.schema, plan.cell, *handed, *_child_of_me()),
@@ -129,6 +133,9 @@ class HostController:
     async def _report(self, child: Child) -> None:
         plan = self.plans[child.name]
         detail = "" if child.last_exit is None else f"last exit status {child.last_exit}"
+        if child.state in ("crashed", "failed"):
+            then = "restarting it" if child.state == "crashed" else "not restarting it (status 78: fix and restart)"
+            self.audit("stop", "failed", "", "", f"{child.name} exited with status {child.last_exit}; {then}")
         try:
             await self.client.call(
                 NAMING_CELL, NAMING_SCHEMA, "report", schema=plan.schema, cell=plan.cell, host=self.host,
@@ -179,7 +186,8 @@ class HostController:
                     log.error("the controller's checker failed: %s", exc)
             finally:
                 await self.supervisor.stop()
-                await self.client.close()
+                if self.own_client:
+                    await self.client.close()
 
 
 async def run_controller(
@@ -198,9 +206,20 @@ async def run_controller(
         except BaseException:
             await controller.client.close()
             raise
-        if not stop.is_set():
-            await controller.run(stop)
-        else:
+        if stop.is_set():
+            await controller.client.close()
+            return
+        controller.own_client = False
+        try:
+            async with audit_trail(site, controller.client, f"controller-{host}", host=host) as auditor:
+                controller.audit = auditor
+                auditor("start", "ok", "", "", f"controller of {host}, pid {os.getpid()}, "
+                                               f"{len(controller.plans)} instances")
+                try:
+                    await controller.run(stop)
+                finally:
+                    auditor("stop", "ok", "", "", f"controller of {host}, pid {os.getpid()}")
+        finally:
             await controller.client.close()
 
 

@@ -525,7 +525,7 @@ async def serve_instance(
     client = Client.for_site(site, credentials=credentials or cached_service_credentials(site))
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(client.close)
-        auditor = await stack.enter_async_context(_audit_trail(site, client, f"instance-{plan.schema}@{plan.cell}",
+        auditor = await stack.enter_async_context(audit_trail(site, client, f"instance-{plan.schema}@{plan.cell}",
                                                                host=plan.host, cell=plan.cell, schema=plan.schema)) \
             if audit else None
         async with _serve_instance(site, plan, schema, client, heartbeat_s, policy, auditor) as server:
@@ -533,7 +533,7 @@ async def serve_instance(
 
 
 @contextlib.asynccontextmanager
-async def _audit_trail(
+async def audit_trail(
     site: SiteConfig, client: Client, name: str, *, host: str, cell: str = "", schema: str = ""
 ) -> AsyncIterator[Any]:
     """An Auditor whose records are spooled under the site's spool directory and shipped

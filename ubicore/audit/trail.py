@@ -317,6 +317,7 @@ class Shipper:
         self.spool = spool
         self._call = call
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self.shipped = 0
         self.failures = 0
 
@@ -327,7 +328,10 @@ class Shipper:
         delay = 0.05
         warned = 0.0
         last_sync = time.monotonic()
-        while True:
+        # The loop ends on ``_closing`` as well as on cancellation: Python 3.11's wait_for
+        # swallows a cancellation that races the event it waits for (a last record put
+        # just before close), and the task would go on for ever.
+        while not self._closing:
             if time.monotonic() - last_sync >= FSYNC_EVERY_S:
                 self.spool.sync()
                 last_sync = time.monotonic()
@@ -364,6 +368,8 @@ class Shipper:
 
     async def close(self, flush_s: float = 1.0) -> None:
         """Stop; first try (for up to ``flush_s``) to deliver what is spooled."""
+        self._closing = True
+        self.spool.wakeup.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
