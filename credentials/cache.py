@@ -83,6 +83,7 @@ that :class:`~ubicore.security.amp.CredentialsOutOfDate` shares)::
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import errno
 import fcntl
@@ -126,6 +127,8 @@ __all__ = [
     "store_credential",
     "write_cache",
 ]
+
+log = logging.getLogger(__name__)
 
 FILE_NAME = "credentials.dat"
 FORMAT_VERSION = 1
@@ -559,8 +562,9 @@ def write_cache(path: Path, entries: Iterable[CachedCredential], *, reader_group
 
 def store_credential(path: Path, cred: CachedCredential, *, reader_group: str | None = None) -> None:
     """Add ``cred`` to the file, replacing the entry for its site. An existing file must
-    pass the reader's checks and parse; the write is atomic like :func:`write_cache`, and
-    its mode follows ``reader_group`` the same way (none given: 0600)."""
+    pass the reader's checks; a damaged one (its entries unreadable anyway) is replaced
+    by one holding ``cred`` alone. The write is atomic like :func:`write_cache`, and its
+    mode follows ``reader_group`` the same way (none given: 0600)."""
     path = Path(path)
     if not isinstance(cred, CachedCredential):
         raise TypeError("cred must be a CachedCredential")
@@ -569,6 +573,9 @@ def store_credential(path: Path, cred: CachedCredential, *, reader_group: str | 
         try:
             entries = read_cache(path)
         except CredentialsMissing:
+            entries = {}
+        except CredentialsDamaged as exc:
+            log.warning("%s; replacing it", exc)
             entries = {}
         entries[cred.site] = cred
         _write_locked(dfd, path, encode_cache(entries.values()), gid)
@@ -597,6 +604,9 @@ def remove_credential(path: Path, site: str | None) -> bool:
         except CredentialsMissing:
             _remove_stale_temps(dfd, path)
             return False
+        except CredentialsDamaged:  # nothing in it can be read: removing the site's entry removes the file
+            _unlink_locked(dfd, path)
+            return True
         if site not in entries:
             return False
         del entries[site]

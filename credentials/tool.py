@@ -141,6 +141,7 @@ def _cache(site: SiteConfig, dataset: Path, user: str | None, password_stdin: bo
         cred, rights = asyncio.run(check_online(site, user, password, timeout_s=timeout))
     del password
     path = cache_path(dataset)
+    dataset.mkdir(parents=True, exist_ok=True, mode=0o700)  # a new host's dataset may not exist yet
     store_credential(path, cred, reader_group=reader_group)
     how = "against this dataset's policy" if offline else "by logging in to the site"
     mode = f"0640, readable by the group {reader_group}" if reader_group else "0600"
