@@ -2,13 +2,15 @@
 
 Two core schema services (DESIGN.md §8), both fully protected and run by the core.
 
-``UAudit::Log`` holds the trail: one ``records`` row per security-relevant event
-(logins, denials, update operations, security-model changes, key rotations, rejected
-messages, starts and stops, lockouts and alerts), each chained to the one before by its
-hash and MACed under the audit key (ubicore/audit/chain.py), which the core keeps in its
-own 0600 file, apart from the trail. Instances and controllers ``append`` what they
-spooled (ubicore/audit/trail.py); ``origins`` remembers the last event taken from each
-spool, so a batch sent twice is recorded once. ``tail`` and ``search`` read it. Who may:
+``UAudit::Log`` fronts the trail: one record per security-relevant event (logins,
+denials, update operations, security-model changes, key rotations, rejected messages,
+starts and stops, lockouts and alerts), each chained to the one before by its hash and
+MACed under the audit key (ubicore/audit/chain.py), which the core keeps in its own
+0600 file, apart from the trail. The trail is an SQLite file the core writes itself
+(ubicore/audit/trail.py's CoreWriter), so that it may grow without growing the core's
+memory; the ``recent`` relation shows its newest records to watchers. Instances and
+controllers ``append`` what they spooled; the trail remembers the last event taken
+from each spool, so a batch sent twice is recorded once. ``tail`` and ``search`` read it. Who may:
 the factory policy lets ``services`` append and ``admin`` read; a (default, default)
 rule never reaches UAudit.
 
@@ -37,13 +39,20 @@ MAX_READ = 10_000
 class Writer(Protocol):
     """What the core plugs into ``UAudit::Log`` (ubicore/audit/trail.py's CoreWriter)."""
 
-    def stage_remote(self, tx: Transaction, origin: str, submitter: str, events: list[Any]) -> int: ...
+    def append(self, origin: str, submitter: str, events: list[Any]) -> int: ...
+
+    def tail(self, count: int) -> list[dict[str, Any]]: ...
+
+    def search(self, *, user: str = "", action: str = "", cell: str = "", outcome: str = "", since: float = 0.0,
+               limit: int = 1000) -> list[dict[str, Any]]: ...
 
 
 class Log(Schema, name=LOG, protection="full"):
-    """The audit trail of a site."""
+    """The audit trail of a site. The trail itself is the core's file
+    ``<dataset>/Site/UAudit%Log.udata`` (ubicore/audit/trail.py); ``recent`` shows its
+    newest records to watchers."""
 
-    records = Relation(
+    recent = Relation(
         Column("seq", int),
         Column("time", float),
         Column("host", str),
@@ -55,39 +64,37 @@ class Log(Schema, name=LOG, protection="full"):
         Column("outcome", str),
         Column("detail", str),
         Column("origin", str),
-        Column("prev", bytes),
-        Column("hash", bytes),
-        Column("mac", bytes),
         key=("seq",),
-        persistent=True,
     )
-    origins = Relation(Column("origin", str), Column("last", int), key=("origin",), persistent=True)
 
     writer: Writer | None = None
-    """Set by the core; without it, ``append`` is refused."""
+    """Set by the core; without it, every operation is refused."""
+
+    def _writer(self) -> Writer:
+        if self.writer is None:
+            raise BadArguments("this instance of UAudit::Log is not the core's: it holds no trail")
+        return self.writer
 
     @update
     def append(self, tx: Transaction, origin: str, events: list[Any]) -> dict[str, int]:
         """Record ``events`` spooled by ``origin`` (a spool's id and its process's name,
-        ``"<16 hex>:<name>"``): each ``[n, time, host, cell, schema, principal, address,
+        ``"<32 hex>:<name>"``): each ``[n, time, host, cell, schema, principal, address,
         action, outcome, detail]`` with ``n`` rising within the spool. Events already
         taken from this spool are skipped. Returns ``{"last": n}``: the spool may forget
-        everything up to ``n``."""
-        if self.writer is None:
-            raise BadArguments("this instance of UAudit::Log takes no appends (it is not the core's)")
+        everything up to ``n``. The records are durable when this returns."""
+        writer = self._writer()
         if not 1 <= len(origin) <= 200:
             raise BadArguments("origin: 1..200 characters", {"argument": "origin"})
         if len(events) > MAX_EVENTS_PER_APPEND:
             raise BadArguments(f"at most {MAX_EVENTS_PER_APPEND} events an append", {"argument": "events"})
-        return {"last": self.writer.stage_remote(tx, origin, self.caller, events)}
+        return {"last": writer.append(origin, self.caller, events)}
 
     @read
     def tail(self, tx: Transaction, count: int = 20) -> list[dict[str, Any]]:
         """The newest ``count`` records, oldest first."""
         if not 1 <= count <= MAX_READ:
             raise BadArguments(f"count: 1..{MAX_READ}", {"argument": "count"})
-        rows = sorted(tx.records, key=lambda r: r.seq)[-count:]
-        return [_shown(r) for r in rows]
+        return self._writer().tail(count)
 
     @read
     def search(
@@ -98,16 +105,7 @@ class Log(Schema, name=LOG, protection="full"):
         time), oldest first, at most ``limit`` (the newest ones)."""
         if not 1 <= limit <= MAX_READ:
             raise BadArguments(f"limit: 1..{MAX_READ}", {"argument": "limit"})
-        found = [r for r in tx.records
-                 if (not user or r.principal == user) and (not action or r.action == action)
-                 and (not cell or r.cell == cell) and r.time >= since and (not outcome or r.outcome == outcome)]
-        found.sort(key=lambda r: r.seq)
-        return [_shown(r) for r in found[-limit:]]
-
-
-def _shown(row: Any) -> dict[str, Any]:
-    """A record as the tools show it: the proofs stay in the trail."""
-    return {k: v for k, v in row._asdict().items() if k not in ("prev", "hash", "mac")}
+        return self._writer().search(user=user, action=action, cell=cell, outcome=outcome, since=since, limit=limit)
 
 
 class Alerts(Schema, name=ALERTS, protection="full"):

@@ -263,8 +263,9 @@ async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT
                     tx.lockouts.upsert(kind=lk.kind, subject=lk.subject, since=lk.since, until=lk.until,
                                        strikes=lk.strikes)
 
-        writer = CoreWriter(log_core, alerts_core, keys, checkpoint_path, site.audit, write_lockouts,
-                            host=site.core.host)
+        writer = CoreWriter(udata_path(site.dataset, NAMING_CELL, AUDIT_LOG), log_core, alerts_core, keys,
+                            checkpoint_path, site.audit, write_lockouts, host=site.core.host)
+        stack.callback(writer.close)
         _restore_lockouts(writer, perm_core.store.tables["lockouts"].values())
         log_core.obj.writer = writer  # type: ignore[attr-defined]
         stack.callback(writer.checkpoint)

@@ -38,6 +38,7 @@ import errno
 import fcntl
 import logging
 import os
+import sqlite3
 import struct
 import time
 from collections import deque
@@ -384,20 +385,46 @@ class Shipper:
         self.spool.close()
 
 
+def _shown(r: Record) -> dict[str, Any]:
+    """A record as the tools show it: the proofs stay in the trail."""
+    return {c: getattr(r, c) for c in _RECORD_COLUMNS[:11]}
+
+
 # --- the core's writer ---------------------------------------------------------------------------
 
 
-class CoreWriter:
-    """The one writer of ``UAudit::Log`` (see the module docstring).
+RECENT = 200
+"""Records ``UAudit::Log`` also keeps in its ``recent`` relation, for live watchers."""
+_RECORD_COLUMNS = ("seq", "time", "host", "cell", "schema", "principal", "address", "action", "outcome", "detail",
+                   "origin", "prev", "hash", "mac")
+_TRAIL_SQL = (
+    "CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, time REAL, host TEXT, cell TEXT, schema TEXT, "
+    "principal TEXT, address TEXT, action TEXT, outcome TEXT, detail TEXT, origin TEXT, prev BLOB, hash BLOB, "
+    "mac BLOB)",
+    "CREATE TABLE IF NOT EXISTS origins (origin TEXT PRIMARY KEY, last INTEGER NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS records_principal ON records (principal)",
+    "CREATE INDEX IF NOT EXISTS records_time ON records (time)",
+)
 
-    ``log_core`` is the trail's InstanceCore, ``alerts_core`` the alert channel's;
-    ``lockouts`` writes the policy's lockouts (a callable taking the current lockouts).
+
+class CoreWriter:
+    """The one writer of the trail (see the module docstring).
+
+    The trail is an SQLite file of its own (``trail_path``, WAL, ``synchronous=FULL``,
+    mode 0600): ``records`` and ``origins`` (the last event taken from each spool), so
+    a batch and its dedupe mark commit together, and the core's memory holds only the
+    newest :data:`RECENT` records (``UAudit::Log``'s ``recent`` relation, for
+    watchers), however long the trail grows. ``log_core`` and ``alerts_core`` are the
+    InstanceCores of ``UAudit::Log`` and ``UAudit::Alerts``; ``lockouts`` writes the
+    policy's lockouts (a callable taking the current ones).
     """
 
     def __init__(
-        self, log_core: Any, alerts_core: Any, keys: AuditKeys, checkpoint_path: Path, config: AuditConfig,
-        lockouts: Callable[[list[Lockout]], None], *, host: str, clock: Callable[[], float] = time.time,
+        self, trail_path: Path, log_core: Any, alerts_core: Any, keys: AuditKeys, checkpoint_path: Path,
+        config: AuditConfig, lockouts: Callable[[list[Lockout]], None], *, host: str,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.trail_path = Path(trail_path)
         self.core = log_core
         self.alerts_core = alerts_core
         self.keys = keys
@@ -406,26 +433,37 @@ class CoreWriter:
         self._write_lockouts = lockouts
         self.host = host
         self._clock = clock
-        last = max(log_core.store.tables["records"].values(), key=lambda r: r.seq, default=None)
-        self.committed = (last.seq, last.hash) if last is not None else (0, bytes(32))
+        self.db = self._open(self.trail_path)
+        last = self.db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+        self.committed: tuple[int, bytes] = (int(last[0]), bytes(last[1])) if last else (0, bytes(32))
         self._since_checkpoint = 0
         self._checkpointed = self.committed[0]
-        self._staged: tuple[int, bytes, list[Record]] | None = None
         self._queue: list[tuple[Event, str]] = []
         self._scheduled = False
         self.watch = Watch(config)
         self._observing: list[Record] = []
         self.appended = 0
-        self._wrap_commit()
+        self._publish(self._newest(RECENT))
 
-    def _wrap_commit(self) -> None:
-        committed = self.core._on_commit
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        from ..errors import StoreError
 
-        def on_commit() -> None:
-            committed()
-            self._adopt()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+            db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            for statement in _TRAIL_SQL:
+                db.execute(statement)
+            return db
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"{path}: cannot open the audit trail: {exc}") from None
 
-        self.core._on_commit = on_commit
+    def close(self) -> None:
+        self.db.close()
 
     # producers ------------------------------------------------------------------------------
 
@@ -434,30 +472,28 @@ class CoreWriter:
         self._queue.append((event, f"core on {self.host}"))
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            with contextlib.suppress(RuntimeError):  # no loop (closing): flush() is called at the end
+                asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
-        """Record the core's own queued events (one transaction)."""
+        """Record the core's own queued events (one trail transaction)."""
         self._scheduled = False
         queue, self._queue = self._queue, []
         if not queue:
             return
-        tx = self.core.store.transaction(writable=True)
         try:
-            self._stage(tx, [(ev, origin) for ev, origin in queue])
-            self.core.commit(tx)
+            self._write(queue, None, 0)
         except Exception:
-            tx.rollback()
-            self._staged = None
             log.exception("the core could not record %d audit events", len(queue))
 
-    def stage_remote(self, tx: Any, origin: str, submitter: str, events: list[Any]) -> int:
-        """``UAudit::Log.append``: stage the new events of ``origin`` in ``tx``; the
-        last spool number taken. BadArguments for a malformed event (nothing staged)."""
-        from ..errors import BadArguments
+    def append(self, origin: str, submitter: str, events: list[Any]) -> int:
+        """``UAudit::Log.append``: record the new events of ``origin`` (a spool) with its
+        dedupe mark, in one transaction; the last spool number taken. BadArguments for a
+        malformed event (nothing recorded), RemoteFailure if the trail cannot be written."""
+        from ..errors import BadArguments, RemoteFailure
 
-        row = tx.origins.get(origin)
-        last = row.last if row is not None else 0
+        row = self.db.execute("SELECT last FROM origins WHERE origin = ?", (origin,)).fetchone()
+        last = int(row[0]) if row else 0
         label = f"{origin.partition(':')[2] or origin} as {submitter}"
         fresh: list[tuple[Event, str]] = []
         newest = last
@@ -470,36 +506,87 @@ class CoreWriter:
                 continue
             newest = n
             fresh.append((event, label))
-        self._stage(tx, fresh)
-        if newest != last:
-            tx.origins.upsert(origin=origin, last=newest)
+        if newest == last:
+            return last
+        try:
+            self._write(fresh, origin, newest)
+        except sqlite3.Error as exc:
+            log.error("the audit trail %s could not be written: %s", self.trail_path, exc)
+            raise RemoteFailure("the audit trail could not be written") from None
         return newest
 
-    def _stage(self, tx: Any, events: Iterable[tuple[Event, str]]) -> None:
+    def _write(self, events: list[tuple[Event, str]], origin: str | None, last: int) -> None:
         chain = Chain(self.keys, *self.committed)
-        records = []
-        for event, origin in events:
-            r = chain.append(event, origin)
-            tx.records.insert(seq=r.seq, time=r.time, host=r.host, cell=r.cell, schema=r.schema,
-                              principal=r.principal, address=r.address, action=r.action, outcome=r.outcome,
-                              detail=r.detail, origin=r.origin, prev=r.prev, hash=r.hash, mac=r.mac)
-            records.append(r)
-        self._staged = (chain.last_seq, chain.last_hash, records) if records else None
-
-    def _adopt(self) -> None:
-        staged, self._staged = self._staged, None
-        if staged is None:
-            return
-        seq, digest, records = staged
-        self.committed = (seq, digest)
+        records = [chain.append(event, label) for event, label in events]
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(f"INSERT INTO records VALUES ({', '.join('?' * len(_RECORD_COLUMNS))})",
+                           [tuple(getattr(r, c) for c in _RECORD_COLUMNS) for r in records])
+            if origin is not None:
+                db.execute("INSERT INTO origins VALUES (?, ?) ON CONFLICT(origin) DO UPDATE SET last = excluded.last",
+                           (origin, last))
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        self.committed = (chain.last_seq, chain.last_hash)
         self.appended += len(records)
         self._since_checkpoint += len(records)
         if self._since_checkpoint >= self.config.checkpoint_records:
             self.checkpoint()
-        if not self._observing:
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().call_soon(self._observe)
-        self._observing.extend(records)
+        self._publish(records)
+        if records:
+            if not self._observing:
+                with contextlib.suppress(RuntimeError):
+                    asyncio.get_running_loop().call_soon(self._observe)
+            self._observing.extend(records)
+
+    def _publish(self, records: list[Record]) -> None:
+        """Show new records in ``UAudit::Log``'s ``recent`` relation (the newest RECENT)."""
+        if not records:
+            return
+        tx = self.core.store.transaction(writable=True)
+        try:
+            recent = tx.recent
+            for r in records[-RECENT:]:
+                recent.insert(**{c: getattr(r, c) for c in _RECORD_COLUMNS[:11]})
+            excess = len(self.core.store.tables["recent"]) + min(len(records), RECENT) - RECENT
+            if excess > 0:
+                for key in sorted(self.core.store.tables["recent"])[:excess]:
+                    recent.delete(*key)
+            self.core.commit(tx)
+        except Exception:
+            tx.rollback()
+            log.exception("recent audit records not published")
+
+    # reading ----------------------------------------------------------------------------------
+
+    def _newest(self, count: int) -> list[Record]:
+        rows = self.db.execute(f"SELECT {', '.join(_RECORD_COLUMNS)} FROM records ORDER BY seq DESC LIMIT ?",
+                               (count,)).fetchall()
+        return [Record(*row) for row in reversed(rows)]
+
+    def tail(self, count: int) -> list[dict[str, Any]]:
+        """The newest ``count`` records, oldest first, without their proofs."""
+        return [_shown(r) for r in self._newest(count)]
+
+    def search(self, *, user: str = "", action: str = "", cell: str = "", outcome: str = "", since: float = 0.0,
+               limit: int = 1000) -> list[dict[str, Any]]:
+        """Records matching every filter given, oldest first, at most ``limit`` (the newest)."""
+        where: list[str] = ["time >= ?"]
+        args: list[Any] = [since]
+        for column, value in (("principal", user), ("action", action), ("cell", cell), ("outcome", outcome)):
+            if value:
+                where.append(f"{column} = ?")
+                args.append(value)
+        rows = self.db.execute(f"SELECT {', '.join(_RECORD_COLUMNS)} FROM records WHERE {' AND '.join(where)} "
+                               "ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
+        return [_shown(Record(*row)) for row in reversed(rows)]
+
+    def count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
 
     # checkpoints ------------------------------------------------------------------------------
 
