@@ -382,12 +382,15 @@ async def _register(client: Client, plan: InstancePlan, server: InstanceServer) 
     )
 
 
-async def _keep_registered(client: Client, plan: InstancePlan, server: InstanceServer) -> None:
+async def _keep_registered(
+    client: Client, plan: InstancePlan, server: InstanceServer, stop: asyncio.Event
+) -> None:
     """Register, then re-register whenever naming lost us (a core restart) or our level
-    changed (clients learn it from naming)."""
+    changed (clients learn it from naming), until ``stop``. (The loop checks ``stop``
+    itself: Python 3.11's wait_for can swallow a cancellation that races the event.)"""
     wake = asyncio.Event()
     server.on_level_change = lambda level: wake.set()
-    while True:
+    while not stop.is_set():
         wake.clear()
         try:
             row = (await client.naming()).table("instances").get((plan.schema, plan.cell))
@@ -399,8 +402,12 @@ async def _keep_registered(client: Client, plan: InstancePlan, server: InstanceS
             log.error("%s@%s: naming refused the registration (%s); retrying", plan.schema, plan.cell, exc.message)
         except (RemoteError, CredentialsOutOfDate) as exc:
             log.warning("%s@%s: naming unreachable or refusing us (%s); retrying", plan.schema, plan.cell, exc)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(wake.wait(), REGISTRATION_CHECK_S)
+        waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=REGISTRATION_CHECK_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
 
 
 class PolicyFollower:
@@ -580,10 +587,12 @@ async def _serve_instance(
     if auditor is not None:
         core.use_audit(auditor)
         auditor("start", "ok", "", "", f"pid {os.getpid()}, {core.protection.value} protection")
-    keeper = asyncio.create_task(_keep_registered(client, plan, server))
+    stopping = asyncio.Event()
+    keeper = asyncio.create_task(_keep_registered(client, plan, server, stopping))
     try:
         yield server
     finally:
+        stopping.set()
         keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await keeper
