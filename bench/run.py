@@ -1,8 +1,8 @@
 """Run the ubicore benchmark suite; print one JSON document on stdout.
 
 Usage: ``python bench/run.py [--quick] [--only SECTION] [--out FILE] [--profile DIR]``
-with SECTION one of events, rpc, join, levels, handshake, rotation, revocation, or
-``security`` (the last four).
+with SECTION one of events, rpc, join, levels, handshake, rotation, revocation, audit, or
+``security`` (the last five).
 
 Each measurement runs against raw pyzmq doing the same transfers in the same run, and is
 reported as a ratio (see bench/README.md). The instance under test runs in a child
@@ -12,7 +12,9 @@ sections serve a second site (``measure_levels.write_security_site``: three
 ``UTest::Counter`` instances at ``open``, ``update`` and ``full``) in a second child,
 started after the first one stopped; ``rotation`` needs no child, and ``revocation``
 serves its own site in this process (``ubicore.testing.running_site``: core, one
-``full`` Counter, 100 caching clients; see ``measure_revocation.py``). Progress goes to
+``full`` Counter, 100 caching clients; see ``measure_revocation.py``); ``audit`` serves
+its own site in two children of its own (``measure_audit.py``: the core, and an audited
+and an unaudited ``update`` Counter). Progress goes to
 stderr. Exit status 0 when every section ran (missed targets included), 1 when a
 section failed with an error (recorded in the JSON under that section's ``error``).
 """
@@ -49,20 +51,22 @@ from ubicore.testing.schemas import COUNTER  # noqa: E402
 from ubicore.testing.site import OPERATOR, TEST_KDF  # noqa: E402
 
 BASIC_SECTIONS = ("events", "rpc", "join")
-SECURITY_SECTIONS = ("levels", "handshake", "rotation", "revocation")
+SECURITY_SECTIONS = ("levels", "handshake", "rotation", "revocation", "audit")
 SECTIONS = BASIC_SECTIONS + SECURITY_SECTIONS
 FULL = {"events_n": 200_000, "events_reps": 3, "rpc_calls": 10_000, "rpc_reps": 3, "join_rows": 100_000,
         "join_reps": 3,
         "levels_events_n": 200_000, "levels_events_reps": 3, "levels_rpc_calls": 5000, "levels_rpc_reps": 3,
         "handshake_samples": 300, "handshake_kdf_samples": 5, "handshake_loopback_samples": 200,
         "rotation_sessions": 1000, "rotation_reps": 20,
-        "revocation_sessions": 100, "revocation_reps": 20, "check_queries": 50_000, "check_reps": 3}
+        "revocation_sessions": 100, "revocation_reps": 20, "check_queries": 50_000, "check_reps": 3,
+        "audit_calls": 20_000, "audit_seq_calls": 2000, "audit_rounds": 5}
 QUICK = {"events_n": 100_000, "events_reps": 1, "rpc_calls": 5000, "rpc_reps": 1, "join_rows": 100_000,
          "join_reps": 1,
          "levels_events_n": 50_000, "levels_events_reps": 1, "levels_rpc_calls": 2000, "levels_rpc_reps": 1,
          "handshake_samples": 100, "handshake_kdf_samples": 1, "handshake_loopback_samples": 50,
          "rotation_sessions": 1000, "rotation_reps": 5,
-         "revocation_sessions": 100, "revocation_reps": 5, "check_queries": 20_000, "check_reps": 1}
+         "revocation_sessions": 100, "revocation_reps": 5, "check_queries": 20_000, "check_reps": 1,
+         "audit_calls": 2000, "audit_seq_calls": 500, "audit_rounds": 2}
 FIND_WAIT_S = 15.0
 CHILD_CHECK_S = 0.5
 
@@ -142,6 +146,11 @@ async def run_sections(args: argparse.Namespace, cfg: dict[str, Any], result: di
     if _wanted(args, "revocation"):
         ok = await _run_one("revocation", bench_revocation(cfg["revocation_sessions"], cfg["revocation_reps"],
                                                            cfg["check_queries"], cfg["check_reps"]), result) and ok
+    if _wanted(args, "audit"):
+        from measure_audit import bench_audit  # here: a section whose module no longer imports fails alone
+
+        ok = await _run_one("audit", bench_audit(cfg["audit_calls"], cfg["audit_seq_calls"], cfg["audit_rounds"],
+                                                 args.profile), result) and ok
     return ok
 
 
@@ -213,11 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="ubicore benchmarks against raw pyzmq")
     parser.add_argument("--quick", action="store_true", help="smaller counts, one repetition (~30 s)")
     parser.add_argument("--only", choices=(*SECTIONS, "security"),
-                        help="run one section (security: levels, handshake, rotation and revocation)")
+                        help="run one section (security: levels, handshake, rotation, revocation and audit)")
     parser.add_argument("--out", type=Path, help="also write the JSON document to FILE")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="cProfile the bench process (client.prof) and the ubicore children"
-                             " (server.prof, server-security.prof)")
+                             " (server.prof, server-security.prof, audit-core.prof, audit-instances.prof)")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     result: dict[str, Any] = {"machine": machine(), "config": {"quick": args.quick, **cfg}}

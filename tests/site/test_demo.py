@@ -23,6 +23,14 @@ def test_the_demo_initialises_its_site_and_shows_who_may_update(tmp_path: Path) 
     assert "This action requires an administrator." in out  # the anonymous update, refused
     assert "> call Site ULocationSystem::ConfigurationUpdate set_rate" in out  # the operator's, done
     assert "error:" not in out
+    assert "controllers run with -d on the service credentials cached in " in out
+    # a login with a wrong password fails, and the audit trail has its record
+    lines = out.splitlines()
+    wrong = next(i for i, line in enumerate(lines) if "a wrong password) call " in line)
+    assert lines[wrong + 1].strip() == "auth_failed: authentication failed"
+    trail = lines[wrong + 2].strip()
+    assert trail.startswith("the audit trail has it: #"), trail
+    assert " login failed" in trail and "from 127.0.0.1" in trail
     # Shown once, and nowhere else: not in the dataset, not on stderr.
     assert out.count(password) == 1 and password not in done.stderr
     for f in (tmp_path / "dataset").rglob("*"):

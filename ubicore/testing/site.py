@@ -358,7 +358,9 @@ async def running_site(
     file is written to ``tmp_path/site.yaml`` and the dataset lives in
     ``tmp_path/dataset``. Its policy is the factory one (``ubi site init``) with
     :data:`OPERATOR` as the administrator and :data:`TEST_KDF` costs; this process's
-    account is its OS service user; :attr:`RunningSite.client` logs in as the operator. ``security`` and ``audit`` become the site file's sections of those names.
+    account is an OS user in ``services``, and the service user ``site-service`` has its
+    credentials cached in the dataset (instances log in with them, and spool their audit
+    records under ``<dataset>/spool``); :attr:`RunningSite.client` logs in as the operator. ``security`` and ``audit`` become the site file's sections of those names.
     """
     core_port, event_port = free_ports(2)
     text = site_yaml(tmp_path / "dataset", core_port=core_port, event_port=event_port,
