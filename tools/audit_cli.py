@@ -95,8 +95,14 @@ def _show(records: list[dict[str, Any]], as_json: bool) -> None:
 
 
 @click.group()
-def audit() -> None:
-    """The site's audit trail: who did what, where, from where, and with what outcome."""
+@click.option("--no-prompt", is_flag=True, help="When denied, fail at once instead of asking on the terminal.")
+@click.option("--credentials-file", type=click.Path(dir_okay=False), default=None,
+              help="When denied, log in with the user and password of this YAML file (mode 0600).")
+@click.pass_context
+def audit(ctx: click.Context, no_prompt: bool, credentials_file: str | None) -> None:
+    """The site's audit trail: who did what, where, from where, and with what outcome.
+    tail and search log in like 'ubi security' (--user, or a prompt when denied)."""
+    ctx.ensure_object(dict)["login"] = (no_prompt, credentials_file)
 
 
 @audit.command("verify", epilog="Exit status: 0 intact, 3 tampered with, 1 the trail could not be read.")

@@ -152,7 +152,8 @@ class InstanceCore:
         self._on_commit = on_commit or (lambda: None)
         self.audit: AuditHook = no_audit
         self.update_action = "policy" if schema.schema_name.startswith("UPerm::") else "update"
-        """How the trail names this schema's update operations: changes of the security model are ``policy``."""
+        """How the trail names this schema's update operations: changes of the security model
+        are ``policy``; "" records none (the trail's own appends)."""
 
     def use_audit(self, hook: AuditHook) -> None:
         """Report logins, denials, update operations, rejected messages and key rotations
@@ -277,7 +278,7 @@ class InstanceCore:
         args = check_arguments(spec, req.args)
         principal = session.user if session is not None else DEFAULT_USER
         self.obj.caller = principal
-        if not updating:
+        if not updating or not self.update_action:
             return self.run_operation(spec, args)
         try:
             body = self.run_operation(spec, args)

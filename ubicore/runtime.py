@@ -282,8 +282,9 @@ async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT
         core.obj.level_floor = lambda schema, cell: level_floor(site, source, schema, cell)  # type: ignore[attr-defined]
         server = await serve(core, rpc_port=site.core.rpc_port, event_port=site.core.event_port)
         auditor = Auditor(writer.local, host=site.core.host, config=site.audit)
-        for s in (server, perm_server):
+        for s in (server, perm_server, log_server, alerts_server):
             s.core.use_audit(auditor.child(cell=NAMING_CELL, schema=s.core.name))
+        log_core.update_action = ""  # appends are the trail itself: logins and denials are recorded, not them
         auditor.child(cell=NAMING_CELL, schema="")("start", "ok", "", "", f"core of site {site.name} up")
         stack.callback(lambda: auditor.child(cell=NAMING_CELL, schema="")(
             "stop", "ok", "", "", f"core of site {site.name} stopping"))
