@@ -32,7 +32,7 @@ from ubicore.store import Transaction
 SCHEMA = "UPerm::Config"
 MODULE, NAME = "UPerm", "Config"
 FAKE_KEY_BYTES = 32
-_NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.@\[\]-]{1,64}")  # [ ] for Ubisense-style "[Automated]" users
 _PART_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 ADMIN_GROUP, EVERYONE_GROUP, SERVICES_GROUP = "admin", "everyone", "services"
@@ -41,7 +41,7 @@ ADMIN_USER = "administrator"
 
 def check_name(what: str, name: str) -> str:
     if type(name) is not str or not _NAME_RE.fullmatch(name):
-        raise BadArguments(f"{what} name {name!r}: use 1-64 of A-Z a-z 0-9 _ . @ -", {"argument": what})
+        raise BadArguments(f"{what} name {name!r}: use 1-64 of A-Z a-z 0-9 _ . @ - [ ]", {"argument": what})
     return name
 
 

@@ -80,8 +80,8 @@ def record_line(r: dict[str, Any]) -> str:
     where = f"{r['schema']}@{r['cell']}" if r["schema"] else r["cell"]
     who = r["principal"] or "-"
     frm = f" from {r['address']}" if r["address"] else ""
-    return (f"#{r['seq']} {fmt.when(r['time'])} {r['host']} {where}: {who}{frm} {r['action']} "
-            f"{r['outcome']}" + (f": {r['detail']}" if r["detail"] else ""))
+    return fmt.printable(f"#{r['seq']} {fmt.when(r['time'])} {r['host']} {where}: {who}{frm} {r['action']} "
+                         f"{r['outcome']}" + (f": {r['detail']}" if r["detail"] else ""))
 
 
 def _show(records: list[dict[str, Any]], as_json: bool) -> None:

@@ -24,6 +24,16 @@ def to_json(value: Any) -> str:
     return json.dumps(plain(value), sort_keys=True)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROL.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"})
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``): a user name or
+    detail a client chose never moves the cursor or forges a line on a terminal."""
+    return text.translate(_CONTROL)
+
+
 def cell_text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.hex()[:12] + ("…" if len(value) > 6 else "")
@@ -31,7 +41,7 @@ def cell_text(value: Any) -> str:
         return f"{value:g}"
     if value is None:
         return "-"
-    return str(value)
+    return printable(str(value))
 
 
 def when(t: float) -> str:

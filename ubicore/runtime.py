@@ -228,6 +228,14 @@ async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT
     key_path, checkpoint_path, _ = audit_paths(site)
     for directory in {key_path.parent, checkpoint_path.parent}:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    trail = udata_path(site.dataset, NAMING_CELL, AUDIT_LOG)
+    if not key_path.exists() and _trail_has_records(trail):
+        from .audit.chain import AuditKeyError
+
+        raise AuditKeyError(
+            f"the audit key file {key_path} is missing but the trail {trail} has records: restore the key file "
+            "from its backup (under a new key every record would fail verification), or move the trail aside "
+            "to start a new one")
     keys = load_or_create_keys(key_path)
     source = PolicySource(site.name)
     parents = cell_parents(site)
@@ -263,8 +271,12 @@ async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT
                     tx.lockouts.upsert(kind=lk.kind, subject=lk.subject, since=lk.since, until=lk.until,
                                        strikes=lk.strikes)
 
-        writer = CoreWriter(udata_path(site.dataset, NAMING_CELL, AUDIT_LOG), log_core, alerts_core, keys,
-                            checkpoint_path, site.audit, write_lockouts, host=site.core.host)
+        def countable(user: str) -> bool:
+            found = source.model.users.get(user)
+            return found is not None and found.kind == "password"
+
+        writer = CoreWriter(trail, log_core, alerts_core, keys, checkpoint_path, site.audit, write_lockouts,
+                            host=site.core.host, countable=countable)
         stack.callback(writer.close)
         _restore_lockouts(writer, perm_core.store.tables["lockouts"].values())
         log_core.obj.writer = writer  # type: ignore[attr-defined]
@@ -297,6 +309,21 @@ async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT
                 )
         server.companions.update({PERM_SCHEMA: perm_server, AUDIT_LOG: log_server, AUDIT_ALERTS: alerts_server})
         yield server
+
+
+def _trail_has_records(path: Path) -> bool:
+    import sqlite3
+
+    if not path.exists():
+        return False
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return db.execute("SELECT 1 FROM records LIMIT 1").fetchone() is not None
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return True  # unreadable: not ours to start anew
 
 
 async def _cancelled(task: asyncio.Task[Any]) -> None:

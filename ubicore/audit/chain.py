@@ -138,10 +138,19 @@ class Event:
     detail: str
 
     def __post_init__(self) -> None:
-        if isinstance(self.detail, str) and len(self.detail) > MAX_DETAIL_CHARS:
-            object.__setattr__(self, "detail", self.detail[: MAX_DETAIL_CHARS - 1] + "…")
+        # Every text field is capped (a failed login's user name is the client's choice),
+        # so no record, spool frame or window grows with what an attacker sends.
+        for name, limit in _FIELD_LIMITS:
+            value = getattr(self, name)
+            if isinstance(value, str) and len(value) > limit:
+                object.__setattr__(self, name, value[: limit - 1] + "…")
 
 
+MAX_FIELD_CHARS = 256
+"""The longest host, cell, schema, principal, address, action or outcome kept."""
+_FIELD_LIMITS = (("host", MAX_FIELD_CHARS), ("cell", MAX_FIELD_CHARS), ("schema", MAX_FIELD_CHARS),
+                 ("principal", MAX_FIELD_CHARS), ("address", MAX_FIELD_CHARS), ("action", MAX_FIELD_CHARS),
+                 ("outcome", MAX_FIELD_CHARS), ("detail", MAX_DETAIL_CHARS))
 EVENT_FIELDS = ("time", "host", "cell", "schema", "principal", "address", "action", "outcome", "detail")
 _TEXT_FIELDS = EVENT_FIELDS[1:]
 
@@ -324,10 +333,12 @@ class Chain:
     def last_hash(self) -> bytes:
         return self._hash
 
-    def append(self, event: Event, origin: str) -> Record:
+    def append(self, event: Event, origin: str, *, checked: bool = False) -> Record:
         """The event as the next record. ValueError for an event outside the vocabularies
-        or an origin that is not text; the chain is unchanged then."""
-        check_event(event)
+        or an origin that is not text; the chain is unchanged then. ``checked``: the
+        caller ran :func:`check_event` on it already (the core's hot path)."""
+        if not checked:
+            check_event(event)
         if not isinstance(origin, str):
             raise ValueError("origin must be a string")
         try:

@@ -20,7 +20,9 @@ The spool file: ``b"UBISPOOL"``, a version byte (1), the spool's 16-byte id, the
 frames of a 4-byte big-endian length and a msgpack array ``[n, time, host, cell, schema,
 principal, address, action, outcome, detail]``. A torn last frame (a crash mid-write)
 is cut off at open. ``<name>.ack`` holds the last ``n`` the core acknowledged (8 bytes,
-big-endian). Once everything is acknowledged the spool is emptied.
+big-endian, written in place); a spool whose mark is lost and that holds no event takes
+a new id, so that an origin's numbers never go back. Once everything is acknowledged
+and the file passed 1 MiB, the spool is emptied.
 
 At the core. :class:`CoreWriter` is the one writer of the trail: the core's own events
 and every ``append`` go through it, chained and MACed (ubicore/audit/chain.py), with a
@@ -36,6 +38,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import sqlite3
@@ -78,9 +81,14 @@ MAX_FRAME = 64 * 1024
 MAX_MEMORY_EVENTS = 100_000
 """Unacknowledged events held in memory; beyond that the shipper reads them back from the file."""
 SHIP_BATCH = 500
-SHIP_RETRY_MAX_S = 5.0
+SHIP_LINGER_S = 0.01
+"""A shipper with fewer than SHIP_BATCH events waits this long for more: one append (one
+seal, one trail commit) then carries many records."""
+SHIP_RETRY_MAX_S = 2.0
 SHIP_WARN_EVERY_S = 30.0
 FSYNC_EVERY_S = 1.0
+COMPACT_BYTES = 1 << 20
+"""A spool file is emptied once everything in it is acknowledged and it passed this size."""
 
 
 def audit_paths(site: SiteConfig) -> tuple[Path, Path, Path]:
@@ -92,6 +100,11 @@ def audit_paths(site: SiteConfig) -> tuple[Path, Path, Path]:
 
 def _never_skipped(action: str, outcome: str) -> bool:
     return action == "rejected" or (action == "login" and outcome != "ok")
+
+
+_capped = _never_skipped
+"""What an unauthenticated client can cause at will (rejected messages, failed and refused
+logins): recorded one by one up to REJECTED_PER_S a second, then counted into the next."""
 
 
 class Auditor:
@@ -114,7 +127,7 @@ class Auditor:
         if self.skip and self.skip in principal and not _never_skipped(action, outcome):
             return
         now = self._clock()
-        if action == "rejected":
+        if _capped(action, outcome):
             second = int(now)
             if second != self._second:
                 self._second, self._rejected = second, 0
@@ -123,7 +136,8 @@ class Auditor:
                 self._dropped += 1
                 return
             if self._dropped:
-                detail = f"{detail} (and {self._dropped} more rejected before this one, not recorded one by one)"
+                detail = (f"{detail} (and {self._dropped} more rejected messages or failed logins before this "
+                          "one, not recorded one by one)")
                 self._dropped = 0
         try:
             self.sink(Event(now, self.host, self.cell, self.schema, principal, address, action, outcome, detail))
@@ -169,10 +183,22 @@ class Spool:
         except BaseException:
             os.close(self._fd)
             raise
+        self._ack_fd = os.open(self.ack_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        acked = self._read_ack()
+        if acked is None and not events:
+            # The mark is lost (a crash) and nothing is left to number from: numbering this
+            # origin anew from 1 would make the core skip the new events as ones it has, so
+            # the spool takes a new id (a new origin) instead.
+            self.spool_id = os.urandom(SPOOL_ID_BYTES)
+            os.pwrite(self._fd, SPOOL_MAGIC + bytes([SPOOL_VERSION]) + self.spool_id, 0)
+            os.fsync(self._fd)
         self.origin = f"{self.spool_id.hex()}:{name}"
-        self.acked = self._read_ack()
-        self._memory: deque[tuple[int, bytes]] = deque(
-            (n, packed) for n, packed in events if n > self.acked)
+        self.acked = acked or 0
+        if acked is None:
+            os.pwrite(self._ack_fd, struct.pack(">Q", self.acked), 0)
+            os.fsync(self._ack_fd)
+        self._memory: deque[tuple[int, list[Any]]] = deque(
+            (n, msgpack.unpackb(packed)) for n, packed in events if n > self.acked)
         self._complete = True  # every unacknowledged event is in memory
         self.last = max([self.acked, *(n for n, _ in events)])
         self.written = os.lseek(self._fd, 0, os.SEEK_END)
@@ -236,22 +262,21 @@ class Spool:
             os.ftruncate(self._fd, at)
         return spool_id, events
 
-    def _read_ack(self) -> int:
-        try:
-            raw = self.ack_path.read_bytes()
-        except FileNotFoundError:
-            return 0
-        return struct.unpack(">Q", raw)[0] if len(raw) == 8 else 0
+    def _read_ack(self) -> int | None:
+        """The last number the core acknowledged; None if the mark is missing or torn."""
+        raw = os.pread(self._ack_fd, 8, 0)
+        return int(struct.unpack(">Q", raw)[0]) if len(raw) == 8 else None
 
     def put(self, event: Event) -> None:
         """Append one event, to the file at once (the process may crash right after)."""
         self.last += 1
-        packed = msgpack.packb(_event_row(self.last, event), use_bin_type=True)
+        row = _event_row(self.last, event)
+        packed = msgpack.packb(row, use_bin_type=True)
         frame = struct.pack(">I", len(packed)) + packed
         os.write(self._fd, frame)
         self.written += len(frame)
         if len(self._memory) < MAX_MEMORY_EVENTS:
-            self._memory.append((self.last, packed))
+            self._memory.append((self.last, row))
         else:
             self._complete = False
         if self._dirty_since is None:
@@ -262,12 +287,12 @@ class Spool:
         """Up to ``limit`` unacknowledged events, oldest first, as ``append`` takes them."""
         if not self._memory and not self._complete:
             self._reload()
-        return [msgpack.unpackb(packed) for _, packed in list(self._memory)[:limit]]
+        return [row for _, row in itertools.islice(self._memory, limit)]
 
     def _reload(self) -> None:
         os.lseek(self._fd, 0, os.SEEK_SET)
         _, events = self._load()
-        self._memory = deque((n, p) for n, p in events if n > self.acked)
+        self._memory = deque((n, msgpack.unpackb(p)) for n, p in events if n > self.acked)
         while len(self._memory) > MAX_MEMORY_EVENTS:
             self._memory.pop()
         self._complete = not events or events[-1][0] <= (self._memory[-1][0] if self._memory else self.acked)
@@ -280,14 +305,10 @@ class Spool:
         self.acked = min(last, self.last)
         while self._memory and self._memory[0][0] <= self.acked:
             self._memory.popleft()
-        tmp = self.ack_path.with_suffix(".ack.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, struct.pack(">Q", self.acked))
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.ack_path)
-        if self.acked == self.last and self._complete:
+        # In place, not synced: a lost or torn mark only re-sends records the core skips.
+        os.pwrite(self._ack_fd, struct.pack(">Q", self.acked), 0)
+        if self.acked == self.last and self._complete and self.written > COMPACT_BYTES:
+            os.fsync(self._ack_fd)  # the mark must outlive the events it replaces
             os.ftruncate(self._fd, SPOOL_HEADER)
             os.lseek(self._fd, 0, os.SEEK_END)
             self.written = SPOOL_HEADER
@@ -296,6 +317,7 @@ class Spool:
         """fsync what was written (the shipper does it every FSYNC_EVERY_S)."""
         if self._dirty_since is not None:
             os.fsync(self._fd)
+            os.fsync(self._ack_fd)
             self._dirty_since = None
 
     @property
@@ -307,6 +329,7 @@ class Spool:
             with contextlib.suppress(OSError):
                 self.sync()
             os.close(self._fd)
+            os.close(self._ack_fd)
             self._fd = -1
 
 
@@ -341,6 +364,8 @@ class Shipper:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.spool.wakeup.wait(), FSYNC_EVERY_S)
                 continue
+            if self.spool.backlog < SHIP_BATCH:
+                await asyncio.sleep(SHIP_LINGER_S)  # let a burst gather into one append
             try:
                 await self.ship_once()
                 delay = 0.05
@@ -401,7 +426,7 @@ _TRAIL_SQL = (
     "CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, time REAL, host TEXT, cell TEXT, schema TEXT, "
     "principal TEXT, address TEXT, action TEXT, outcome TEXT, detail TEXT, origin TEXT, prev BLOB, hash BLOB, "
     "mac BLOB)",
-    "CREATE TABLE IF NOT EXISTS origins (origin TEXT PRIMARY KEY, last INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS origins (origin TEXT PRIMARY KEY, last INTEGER NOT NULL, submitter TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS records_principal ON records (principal)",
     "CREATE INDEX IF NOT EXISTS records_time ON records (time)",
 )
@@ -422,7 +447,7 @@ class CoreWriter:
     def __init__(
         self, trail_path: Path, log_core: Any, alerts_core: Any, keys: AuditKeys, checkpoint_path: Path,
         config: AuditConfig, lockouts: Callable[[list[Lockout]], None], *, host: str,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, countable: Callable[[str], bool] = lambda user: True,
     ) -> None:
         self.trail_path = Path(trail_path)
         self.core = log_core
@@ -440,7 +465,7 @@ class CoreWriter:
         self._checkpointed = self.committed[0]
         self._queue: list[tuple[Event, str]] = []
         self._scheduled = False
-        self.watch = Watch(config)
+        self.watch = Watch(config, countable=lambda user: user != DEFAULT_USER and countable(user))
         self._observing: list[Record] = []
         self.appended = 0
         self._publish(self._newest(RECENT))
@@ -492,9 +517,14 @@ class CoreWriter:
         malformed event (nothing recorded), RemoteFailure if the trail cannot be written."""
         from ..errors import BadArguments, RemoteFailure
 
-        row = self.db.execute("SELECT last FROM origins WHERE origin = ?", (origin,)).fetchone()
+        from ..errors import PermissionDenied
+
+        row = self.db.execute("SELECT last, submitter FROM origins WHERE origin = ?", (origin,)).fetchone()
+        if row is not None and row[1] != submitter:  # a spool is one process's: nobody else appends to it
+            raise PermissionDenied(f"{origin.partition(':')[0][:8]}… is another user's spool", {"groups": []})
         last = int(row[0]) if row else 0
-        label = f"{origin.partition(':')[2] or origin} as {submitter}"
+        spool_id, _, name = origin.partition(":")
+        label = f"{name or origin} [{spool_id[:8]}] as {submitter}"
         fresh: list[tuple[Event, str]] = []
         newest = last
         for i, raw in enumerate(events):
@@ -509,23 +539,24 @@ class CoreWriter:
         if newest == last:
             return last
         try:
-            self._write(fresh, origin, newest)
+            self._write(fresh, origin, newest, submitter)
         except sqlite3.Error as exc:
             log.error("the audit trail %s could not be written: %s", self.trail_path, exc)
             raise RemoteFailure("the audit trail could not be written") from None
         return newest
 
-    def _write(self, events: list[tuple[Event, str]], origin: str | None, last: int) -> None:
+    def _write(self, events: list[tuple[Event, str]], origin: str | None, last: int, submitter: str = "") -> None:
+        remote = origin is not None  # event_from_row checked those already
         chain = Chain(self.keys, *self.committed)
-        records = [chain.append(event, label) for event, label in events]
+        records = [chain.append(event, label, checked=remote) for event, label in events]
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany(f"INSERT INTO records VALUES ({', '.join('?' * len(_RECORD_COLUMNS))})",
                            [tuple(getattr(r, c) for c in _RECORD_COLUMNS) for r in records])
             if origin is not None:
-                db.execute("INSERT INTO origins VALUES (?, ?) ON CONFLICT(origin) DO UPDATE SET last = excluded.last",
-                           (origin, last))
+                db.execute("INSERT INTO origins VALUES (?, ?, ?) ON CONFLICT(origin) DO UPDATE SET last = excluded.last",
+                           (origin, last, submitter))
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -616,11 +647,10 @@ class CoreWriter:
         for r in records:
             if r.action in ("alert", "lockout"):
                 continue
-            # ``default`` has no password to guess: its failed logins (it was removed or
-            # disabled) count per address only, never locking every anonymous client out.
-            principal = "" if r.principal == DEFAULT_USER and r.action == "login" else r.principal
+            # Failed logins count per user only for the site's password users (``countable``;
+            # ``default`` has no password to guess): see Watch.
             for alert in self.watch.observe(time=r.time, action=r.action, outcome=r.outcome,
-                                            principal=principal, address=r.address):
+                                            principal=r.principal, address=r.address):
                 self._alert(alert, locks)
         if locks:
             self._write_lockouts(self.watch.remembered(self._clock()))
@@ -641,7 +671,7 @@ class CoreWriter:
         by_user = alert.kind.endswith("_user")
         text = (f"{alert.count} {alert.kind.replace('_per_', ' per ').replace('_', ' ')} in {alert.window_s:g} s: "
                 f"{alert.subject}")
-        log.warning("ALERT %s", text)
+        log.warning("ALERT %r", text)
         self.local(Event(alert.time, self.host, "Site", AUDIT_ALERTS, alert.subject if by_user else "",
                          "" if by_user else alert.subject, "alert", "refused", text))
         if alert.lockout_s > 0:

@@ -46,7 +46,7 @@ earlier than one already seen is taken as the latest time seen, so windows stay 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ubicore.config.model import AuditConfig, Threshold
@@ -122,7 +122,15 @@ class _Windows:
 class Watch:
     """Counts audited events against the site's thresholds; see the module docstring."""
 
-    def __init__(self, config: AuditConfig, *, max_subjects: int = 10_000) -> None:
+    def __init__(
+        self, config: AuditConfig, *, max_subjects: int = 10_000, countable: Callable[[str], bool] = lambda user: True,
+    ) -> None:
+        """``countable(user)``: whether a user's failed logins count per user (and may lock
+        it out); the others count per address only. The core counts the site's password
+        users: a made-up name has no password to guess (and a flood of them would evict
+        real users' windows), a service user's is random (locking it out would stop the
+        site's own processes)."""
+        self._countable = countable
         if max_subjects < 1:
             raise ValueError(f"max_subjects must be at least 1, got {max_subjects}")
         for kind in ALERT_KINDS:
@@ -147,7 +155,8 @@ class Watch:
         self._latest = now = max(time, self._latest)
         counted: list[tuple[str, str]] = []
         if action == "login" and outcome == "failed":
-            counted = [("failed_logins_per_user", principal), ("failed_logins_per_address", address)]
+            counted = [("failed_logins_per_user", principal if self._countable(principal) else ""),
+                       ("failed_logins_per_address", address)]
         elif action == "denied":
             counted = [("denials_per_user", principal)]
         elif action == "rejected":

@@ -125,7 +125,7 @@ class AuditConfig:
     lockout_base_s: float = 30.0
     lockout_max_s: float = 3600.0
     lockout_forget_s: float = 3600.0
-    checkpoint_records: int = 100
+    checkpoint_records: int = 1000
     checkpoint_s: float = 10.0
     key_file: Path | None = None
     checkpoint_file: Path | None = None

@@ -184,14 +184,7 @@ class SessionGuard:
         user, g1 = args.get("user"), _bytes_arg(args, "g1")
         if type(user) is not str:
             raise AuthenticationFailed("authentication failed")
-        now = self._wall()
-        until = self.policy.locked_out(user, address, now)
-        if until is not None:
-            self.stats.locked_out += 1
-            wait = until - now
-            self.audit("login", "refused", user, address, f"locked out for {wait:.0f} s more")
-            raise LockedOut(f"too many failed logins: logins are refused for {wait:.0f} s",
-                            {"retry_after_s": round(wait, 1)})
+        self._refuse_if_locked_out(user, address)
         if sum(p.peer == peer for p in self._pending.values()) >= MAX_PENDING_PER_PEER:
             raise AuthenticationFailed("too many logins in progress; retry shortly")
         hs = ServerHandshake(self.policy.site, self.policy.verifier, self.policy.server_secret,
@@ -211,8 +204,20 @@ class SessionGuard:
         return {"hs": hs_id, "g2": ch.g2, "salt": ch.salt, "params": _params_map(ch.params),
                 "site": self.policy.site, "instance_id": self.instance_id}
 
+    def _refuse_if_locked_out(self, user: str, address: str) -> None:
+        now = self._wall()
+        until = self.policy.locked_out(user, address, now)
+        if until is not None:
+            self.stats.locked_out += 1
+            wait = until - now
+            self.audit("login", "refused", user, address, f"locked out for {wait:.0f} s more")
+            raise LockedOut(f"too many failed logins: logins are refused for {wait:.0f} s",
+                            {"retry_after_s": round(wait, 1)})
+
     def confirm(self, peer: bytes, args: Mapping[str, Any]) -> dict[str, Any]:
-        """Pass 3 → pass 4. A wrong confirmation raises AuthenticationFailed, no pass 4."""
+        """Pass 3 → pass 4. A wrong confirmation raises AuthenticationFailed, no pass 4; a
+        user or address locked out since pass 1 raises LockedOut (a guesser cannot start
+        many logins before a lockout and finish them during it)."""
         self._expire_pending()
         hs_id = _bytes_arg(args, "hs")
         pending = self._pending.get(hs_id)
@@ -222,6 +227,7 @@ class SessionGuard:
             raise AuthenticationRequired("no such login in progress; log in again", {"reason": "login"})
         del self._pending[hs_id]  # one-shot from here on, whatever the outcome
         hs = pending.hs
+        self._refuse_if_locked_out(hs.user, pending.address)
         try:
             hs.confirm(Confirm(_bytes_arg(args, "h_c")))
         except AuthenticationFailed:

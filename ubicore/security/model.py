@@ -208,8 +208,14 @@ class PolicyModel:
         return u if u is not None and u.enabled else None
 
     def locked_out(self, user: str, address: str, now: float) -> float | None:
-        """Until when (unix time) a login of ``user`` from ``address`` is refused, if it is."""
+        """Until when (unix time) a login of ``user`` from ``address`` is refused, if it is.
+        Service users are never locked out, by name or by address: their passwords are
+        random and cached, and locking them out (which anyone failing logins from the
+        site's own hosts could do) would stop the site's processes."""
         if not self.lockouts:
+            return None
+        found = self.users.get(user)
+        if found is not None and found.kind == UserKind.SERVICE:
             return None
         until = max(self.lockouts.get(("user", user), 0.0), self.lockouts.get(("address", address), 0.0)
                     if address else 0.0)

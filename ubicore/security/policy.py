@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 DEFAULT_USER = "default"
 SECRET_BYTES = 32
-_USER_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+_USER_RE = re.compile(r"[A-Za-z0-9_.@\[\]-]{1,64}")
 
 
 class Right(enum.IntEnum):
@@ -73,7 +73,7 @@ class SecurityPolicy(Protocol):
 
 def check_user_name(name: str) -> str:
     if not _USER_RE.fullmatch(name):
-        raise ValueError(f"user name {name!r}: use 1-64 of A-Z a-z 0-9 _ . @ -")
+        raise ValueError(f"user name {name!r}: use 1-64 of A-Z a-z 0-9 _ . @ - [ ]")
     return name
 
 
