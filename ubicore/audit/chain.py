@@ -140,6 +140,13 @@ class Event:
     def __post_init__(self) -> None:
         # Every text field is capped (a failed login's user name is the client's choice),
         # so no record, spool frame or window grows with what an attacker sends.
+        try:
+            if len(self.detail) <= MAX_DETAIL_CHARS and len(self.principal) <= MAX_FIELD_CHARS and len(
+                    self.address) <= MAX_FIELD_CHARS and len(self.host) + len(self.cell) + len(self.schema) + len(
+                    self.action) + len(self.outcome) <= MAX_FIELD_CHARS:
+                return  # the common case, checked cheaply
+        except TypeError:
+            pass  # a field of the wrong type: check_event says which
         for name, limit in _FIELD_LIMITS:
             value = getattr(self, name)
             if isinstance(value, str) and len(value) > limit:

@@ -420,6 +420,8 @@ def _shown(r: Record) -> dict[str, Any]:
 
 RECENT = 200
 """Records ``UAudit::Log`` also keeps in its ``recent`` relation, for live watchers."""
+PUBLISH_EVERY_S = 0.1
+"""How often ``recent`` takes the new records (one commit, one channel message, per period)."""
 _RECORD_COLUMNS = ("seq", "time", "host", "cell", "schema", "principal", "address", "action", "outcome", "detail",
                    "origin", "prev", "hash", "mac")
 _TRAIL_SQL = (
@@ -468,6 +470,8 @@ class CoreWriter:
         self.watch = Watch(config, countable=lambda user: user != DEFAULT_USER and countable(user))
         self._observing: list[Record] = []
         self.appended = 0
+        self._pending_publish: list[Record] = []
+        self._publish_scheduled = False
         self._publish(self._newest(RECENT))
 
     @staticmethod
@@ -567,12 +571,25 @@ class CoreWriter:
         self._since_checkpoint += len(records)
         if self._since_checkpoint >= self.config.checkpoint_records:
             self.checkpoint()
-        self._publish(records)
+        self._pending_publish.extend(records[-RECENT:])
+        if len(self._pending_publish) > RECENT:
+            del self._pending_publish[:-RECENT]
+        if not self._publish_scheduled:
+            self._publish_scheduled = True
+            try:
+                asyncio.get_running_loop().call_later(PUBLISH_EVERY_S, self._publish_pending)
+            except RuntimeError:  # no loop (closing): now
+                self._publish_pending()
         if records:
             if not self._observing:
                 with contextlib.suppress(RuntimeError):
                     asyncio.get_running_loop().call_soon(self._observe)
             self._observing.extend(records)
+
+    def _publish_pending(self) -> None:
+        self._publish_scheduled = False
+        records, self._pending_publish = self._pending_publish, []
+        self._publish(records)
 
     def _publish(self, records: list[Record]) -> None:
         """Show new records in ``UAudit::Log``'s ``recent`` relation (the newest RECENT)."""
