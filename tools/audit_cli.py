@@ -128,9 +128,11 @@ def verify_command(ctx: click.Context, dataset: Path | None, key_file: Path | No
         _fail(str(exc))
     if not verdict.ok:
         where = f"record {verdict.first_bad}: " if verdict.first_bad is not None else ""
-        click.echo(f"ubi: the audit trail FAILS verification at {where}{verdict.reason}", err=True)
+        if verdict.reason.startswith(where):  # the reason names the record itself
+            where = ""
+        click.echo(f"ubi: the audit trail FAILS verification: {where}{verdict.reason}", err=True)
         sys.exit(EXIT_TAMPERED)
-    click.echo(f"the audit trail is intact: {verdict.checked} records; {verdict.reason}")
+    click.echo(f"the audit trail is intact: {verdict.reason}")
 
 
 def _query(ctx: click.Context, operation: str, args: dict[str, Any]) -> list[dict[str, Any]]:

@@ -259,6 +259,8 @@ async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT
         log_core = make_core(site, plan_of(AUDIT_LOG), resolve_schema(site, AUDIT_LOG), source.policy())
         log_server = await serve(log_core)
         alerts_core = make_core(site, plan_of(AUDIT_ALERTS), resolve_schema(site, AUDIT_ALERTS), source.policy())
+        with contextlib.suppress(OSError):  # who attacked whom, when: for the site's account alone
+            os.chmod(udata_path(site.dataset, NAMING_CELL, AUDIT_ALERTS), 0o600)
         alerts_server = await serve(alerts_core)
 
         def write_lockouts(locks: list[Any]) -> None:

@@ -36,7 +36,7 @@ which schemas are deployed where::
       denials_per_user: {count: 20, window_s: 60}           # alert only
       rejected_per_address: {count: 50, window_s: 60}       # alert only (tampered, replayed, malformed)
       lockout: {base_s: 30, max_s: 3600, forget_s: 3600}    # doubling back-off; forget after forget_s
-      checkpoint: {records: 100, seconds: 10}               # sign a checkpoint, whichever first
+      checkpoint: {records: 1000, seconds: 10}              # sign a checkpoint, whichever first
       key_file: /srv/ubi-audit/audit.key        # default <dataset>/audit/audit.key
       checkpoint_file: /srv/ubi-audit/checkpoints   # default <dataset>/audit/checkpoints
       spool_dir: /srv/ubi-spool                 # default <dataset>/spool
