@@ -16,9 +16,8 @@ import json
 import os
 import shutil
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,11 +28,12 @@ from click.testing import CliRunner, Result
 from ubicore.tools.audit_cli import parse_since
 from ubicore.tools.cli import cli
 
+from tests.tools.site_thread import SiteThread
 from ubicore.audit.chain import Record, record_hash
 from ubicore.audit.keys import create_keys, read_checkpoints
 from ubicore.errors import AuthenticationFailed
 from ubicore.security.policy import Right
-from ubicore.testing import OPERATOR, RunningSite, running_site
+from ubicore.testing import OPERATOR, running_site
 
 T = TypeVar("T")
 CONFIG = "ULocationSystem::ConfigurationUpdate"
@@ -337,61 +337,6 @@ def test_search_with_a_bad_since_is_a_usage_error(tmp_path: Path) -> None:
 
 
 # --- tail and search against a live site ----------------------------------------------------------------
-
-
-class SiteThread:
-    """A ``running_site`` served by a loop in another thread, for commands that run
-    ``asyncio.run`` in this one."""
-
-    def __init__(self, tmp_path: Path, **site_args: Any) -> None:
-        self.tmp_path = tmp_path
-        self.site_args = site_args
-        self.rs: RunningSite | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="site", daemon=True)
-
-    def _main(self) -> None:
-        async def serve() -> None:
-            self.loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            async with running_site(self.tmp_path, **self.site_args) as rs:
-                self.rs = rs
-                self._ready.set()
-                await self._stop.wait()
-
-        try:
-            asyncio.run(serve())
-        except BaseException as exc:  # noqa: BLE001  (reported by start() or stop())
-            self._error = exc
-        finally:
-            self._ready.set()
-
-    def start(self) -> RunningSite:
-        self._thread.start()
-        self._ready.wait(30)
-        if self.rs is None:
-            raise RuntimeError("the site did not start") from self._error
-        return self.rs
-
-    def call(self, fn: Callable[[], T], timeout_s: float = 10.0) -> T:
-        """Run ``fn()`` on the site's loop (where its servers live)."""
-        async def wrapped() -> T:
-            return fn()
-
-        assert self.loop is not None
-        coro: Coroutine[Any, Any, T] = wrapped()
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def stop(self) -> None:
-        if self.loop is not None and self._stop is not None:
-            self.loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "the site thread did not stop"
-        if self._error is not None:
-            raise self._error
 
 
 @pytest.fixture

@@ -10,12 +10,11 @@ a real ``ubi site up``, then ``ubi security``.
 from __future__ import annotations
 
 import asyncio
-import json
 import itertools
+import json
 import os
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,15 +22,14 @@ import pytest
 from click.testing import CliRunner, Result
 from ubicore.tools.cli import cli
 
+from tests.tools.site_thread import SiteThread
 from ubicore.config import load_site
 from ubicore.runtime import perm_path
 from ubicore.schema import Protection
 from ubicore.testing import (
     COUNTER,
     OPERATOR,
-    RunningSite,
     free_ports,
-    running_site,
     site_yaml,
 )
 
@@ -42,63 +40,6 @@ CONFIG = "ULocationSystem::ConfigurationUpdate"
 SET_RATE = ("call", "Site", CONFIG, "set_rate", "sensor=S-001", "rate_hz=2")
 PROPAGATE_S = 5.0
 pytestmark = pytest.mark.timeout(60)
-
-
-class SiteThread:
-    """A ``running_site`` served by a loop in another thread, for commands that run
-    ``asyncio.run`` in this one."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.rs: RunningSite | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="site", daemon=True)
-
-    def _main(self) -> None:
-        async def serve() -> None:
-            self.loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            async with running_site(self.tmp_path) as rs:
-                self.rs = rs
-                self._ready.set()
-                await self._stop.wait()
-
-        try:
-            asyncio.run(serve())
-        except BaseException as exc:  # reported by start() or stop()
-            self._error = exc
-        finally:
-            self._ready.set()
-
-    def start(self) -> RunningSite:
-        self._thread.start()
-        self._ready.wait(30)
-        if self.rs is None:
-            raise RuntimeError("the site did not start") from self._error
-        return self.rs
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 10.0) -> T:
-        """Run ``coro`` on the site's loop; its result."""
-        assert self.loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn()`` on the site's loop (where its servers live)."""
-        async def wrapped() -> T:
-            return fn()
-
-        return self.run(wrapped())
-
-    def stop(self) -> None:
-        if self.loop is not None and self._stop is not None:
-            self.loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "the site thread did not stop"
-        if self._error is not None:
-            raise self._error
 
 
 @pytest.fixture
