@@ -149,10 +149,14 @@ class Config(Schema, name=SCHEMA, protection="full"):
 
     @update
     def set_password(self, tx: Transaction, name: str, salt: bytes, verifier: bytes, t: int, p: int, m_kib: int) -> None:
-        """Give a password or service user a new verifier record."""
+        """Give a password or service user a new verifier record, with a new salt (a salt is
+        never reused: cached credentials notice a new password by its new salt)."""
         row = _user(tx, name)
         if row.kind == UserKind.OS:
             raise BadArguments(f"{name} is an OS user and has no password", {"argument": "name"})
+        if salt == row.salt:
+            raise BadArguments("a new password needs a new salt (make the record with make_verifier)",
+                               {"argument": "salt"})
         values = _user_values(tx, name, row.kind, salt, verifier, t, p, m_kib, None)
         tx.users.update(**values)
 

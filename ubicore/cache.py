@@ -132,6 +132,8 @@ class _Joined:
         self.malformed = 0
         self.undecryptable = 0
         self.rejected = 0
+        self.on_rejected: Callable[[str], None] | None = None
+        """Told why, each time a channel message is rejected (an instance's audit trail)."""
         self.error: Exception | None = None
         self.last_message = 0.0
         """``time.monotonic()`` (the loop's clock) of the last message on the channel
@@ -151,6 +153,13 @@ class _Joined:
         # client's joins of one instance share its session's keys, not what each has seen
         self.callback_errors = 0
         self._on_close: Callable[[], None] | None = None
+
+    def _rejected(self, why: str) -> None:
+        if self.on_rejected is not None:
+            try:
+                self.on_rejected(f"{self.binding.schema}@{self.binding.cell}: {why}")
+            except Exception:
+                log.exception("the rejection hook failed")
 
     @property
     def schema(self) -> str:
@@ -225,6 +234,7 @@ class _Joined:
                 msg = session.group.open(msg, self._windows)
             except DecryptionFailed:
                 self.rejected += 1
+                self._rejected("a sealed event did not open (tampered, replayed or foreign)")
                 return
         elif isinstance(msg, Rekey):
             session = self._link.channel_session(self.binding)
@@ -235,6 +245,7 @@ class _Joined:
             # A full instance never publishes in the clear: this came from someone else.
             # (After a real move to a lower level, naming updates the binding first.)
             self.rejected += 1
+            self._rejected("a clear message on a fully protected channel (forged)")
             return
         res = self.follower.feed(msg)
         if res.batches:

@@ -455,6 +455,8 @@ class PolicyFollower:
         self._scheduled = False
         self._closed = False  # the policy was withdrawn: nobody is known until it is back
         self._watch: asyncio.Task[None] | None = None
+        self.on_rejected: Callable[[str], None] | None = None
+        """Told of each policy channel message that is rejected (the instance's audit trail)."""
 
     async def start(self, *, retry_s: float = 1.0, warn_after_s: float = 10.0) -> None:
         """Join ``UPerm::Config``; retries until it answers (an instance serves nothing
@@ -483,6 +485,7 @@ class PolicyFollower:
                     warned = True
                 await asyncio.sleep(retry_s)
         self._feed()
+        self._cache.on_rejected = self.on_rejected
         self._cache.on_change(self._changed)
         self._watch = asyncio.create_task(self._watchdog(), name="policy-watchdog")
 
@@ -586,7 +589,7 @@ async def audit_trail(
     shipper = Shipper(spool, call)
     shipper.start()
     try:
-        yield Auditor(spool.put, host=host, cell=cell, schema=schema, config=site.audit)
+        yield Auditor(spool.put, host=host, cell=cell, schema=schema, config=site.audit, principal=client.user)
     finally:
         await shipper.close()
 
@@ -599,6 +602,8 @@ async def _serve_instance(
     follower: PolicyFollower | None = None
     if policy is None:
         follower = PolicyFollower(site, client)
+        if auditor is not None:
+            follower.on_rejected = lambda why: auditor("rejected", "refused", DEFAULT_USER, "", why)
         try:
             await follower.start()
         except BaseException:

@@ -423,7 +423,7 @@ async def test_what_the_trail_records(tmp_path: Path) -> None:
         found = await records_until(rs, lambda r: any(x["schema"] == COUNTER for x in r), "the counter's start",
                                     action="start")
         (start,) = [r for r in found if r["schema"] == COUNTER]
-        assert start["detail"].endswith("full protection") and start["principal"] == ""
+        assert start["detail"].endswith("full protection") and start["principal"] == "site-service"
         assert (start["host"], start["cell"], start["outcome"]) == ("host-a", "Site", "ok")
         assert any(r["detail"] == f"core of site {rs.site.name} up" for r in found)
 

@@ -110,13 +110,16 @@ logins): recorded one by one up to REJECTED_PER_S a second, then counted into th
 class Auditor:
     """Stamps and filters what one process reports, then hands it to ``sink``."""
 
-    __slots__ = ("sink", "host", "cell", "schema", "skip", "_clock", "_second", "_rejected", "_dropped")
+    __slots__ = ("sink", "host", "cell", "schema", "principal", "skip", "_clock", "_second", "_rejected",
+                 "_dropped")
 
     def __init__(
         self, sink: Callable[[Event], None], *, host: str, cell: str = "", schema: str = "",
-        config: AuditConfig = AuditConfig(), clock: Callable[[], float] = time.time,
+        config: AuditConfig = AuditConfig(), clock: Callable[[], float] = time.time, principal: str = DEFAULT_USER,
     ) -> None:
         self.sink, self.host, self.cell, self.schema = sink, host, cell, schema
+        self.principal = principal
+        """Who the process's own events (starts, stops, key rotations) name: its service user."""
         self.skip = config.skip_users_containing
         self._clock = clock
         self._second = 0
@@ -124,6 +127,7 @@ class Auditor:
         self._dropped = 0
 
     def __call__(self, action: str, outcome: str, principal: str, address: str, detail: str) -> None:
+        principal = principal or self.principal
         if self.skip and self.skip in principal and not _never_skipped(action, outcome):
             return
         now = self._clock()
@@ -147,7 +151,7 @@ class Auditor:
     def child(self, *, cell: str, schema: str) -> Auditor:
         """The same sink, stamped with another cell and schema (the core's services)."""
         return Auditor(self.sink, host=self.host, cell=cell, schema=schema,
-                       config=AuditConfig(skip_users_containing=self.skip), clock=self._clock)
+                       config=AuditConfig(skip_users_containing=self.skip), clock=self._clock, principal=self.principal)
 
 
 # --- the spool -------------------------------------------------------------------------------
