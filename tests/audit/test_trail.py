@@ -17,6 +17,7 @@ import msgpack
 import pytest
 
 from tools.audit_cli import read_records
+from ubicore.audit import spool as spool_module
 from ubicore.audit import trail
 from ubicore.audit.chain import Event, Record, verify
 from ubicore.audit.keys import AuditKeys, read_checkpoints
@@ -237,7 +238,7 @@ def test_the_ack_persists_across_a_reopen_and_acknowledged_events_are_not_sent_a
 
 def test_compaction_empties_the_file_once_everything_is_acknowledged(
         spool_dir: Path, opened: list[Spool], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trail, "COMPACT_BYTES", 0)  # compact at any size
+    monkeypatch.setattr(spool_module, "COMPACT_BYTES", 0)  # compact at any size
     s = open_spool(opened, spool_dir)
     for i in range(1, 4):
         s.put(ev(i))
@@ -317,7 +318,7 @@ def test_a_spool_locked_by_another_process_is_left_alone(spool_dir: Path, opened
 
     first = open_spool(opened, spool_dir)
     first.put(ev(1))
-    script = ("import sys, time; from pathlib import Path; import ubicore.audit.trail as t;"
+    script = ("import sys, time; from pathlib import Path; import ubicore.audit.spool as t;"
               "t.time.sleep = lambda s: None; s = t.Spool(Path(sys.argv[1]), sys.argv[2]);"
               "print(s.path.name, len(s.pending())); s.close()")
     out = subprocess.run([sys.executable, "-c", script, str(spool_dir), first.name], capture_output=True,
