@@ -79,7 +79,7 @@ class CoreWriter:
         self._observing: list[Record] = []
         self.appended = 0
         self._pending_publish: list[Record] = []
-        self._publish_scheduled = False
+        self._publish_timer: asyncio.TimerHandle | None = None
         self._publish(self._newest(RECENT))
 
     @staticmethod
@@ -103,6 +103,12 @@ class CoreWriter:
             raise StoreError(f"{path}: cannot open the audit trail: {exc}") from None
 
     def close(self) -> None:
+        """Close the trail file; what ``recent`` has not shown yet is shown now."""
+        if self._publish_timer is not None:
+            self._publish_timer.cancel()
+            self._publish_timer = None
+        if self._pending_publish:
+            self._publish_pending()
         self.db.close()
 
     # producers ------------------------------------------------------------------------------
@@ -185,10 +191,9 @@ class CoreWriter:
         self._pending_publish.extend(records[-RECENT:])
         if len(self._pending_publish) > RECENT:
             del self._pending_publish[:-RECENT]
-        if not self._publish_scheduled:
-            self._publish_scheduled = True
+        if self._publish_timer is None:
             try:
-                asyncio.get_running_loop().call_later(PUBLISH_EVERY_S, self._publish_pending)
+                self._publish_timer = asyncio.get_running_loop().call_later(PUBLISH_EVERY_S, self._publish_pending)
             except RuntimeError:  # no loop (closing): now
                 self._publish_pending()
         if records:
@@ -198,7 +203,7 @@ class CoreWriter:
             self._observing.extend(records)
 
     def _publish_pending(self) -> None:
-        self._publish_scheduled = False
+        self._publish_timer = None
         records, self._pending_publish = self._pending_publish, []
         self._publish(records)
 
