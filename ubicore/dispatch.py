@@ -153,7 +153,8 @@ class InstanceCore:
         self.audit: AuditHook = no_audit
         self.update_action = "policy" if schema.schema_name.startswith("UPerm::") else "update"
         """How the trail names this schema's update operations: changes of the security model
-        are ``policy``; "" records none (the trail's own appends)."""
+        are ``policy``; the core sets ``register`` for naming's and "" for the trail's own
+        appends (recorded: none)."""
 
     def use_audit(self, hook: AuditHook) -> None:
         """Report logins, denials, update operations, rejected messages and key rotations

@@ -299,6 +299,7 @@ async def serve_core(site: SiteConfig, *, heartbeat_s: float = DEFAULT_HEARTBEAT
         for s in (server, perm_server, log_server, alerts_server):
             s.core.use_audit(auditor.child(cell=NAMING_CELL, schema=s.core.name))
         log_core.update_action = ""  # appends are the trail itself: logins and denials are recorded, not them
+        core.update_action = "register"  # naming's register, deregister and report
         auditor.child(cell=NAMING_CELL, schema="")("start", "ok", "", "", f"core of site {site.name} up")
         stack.callback(lambda: auditor.child(cell=NAMING_CELL, schema="")(
             "stop", "ok", "", "", f"core of site {site.name} stopping"))

@@ -498,6 +498,10 @@ async def test_what_the_trail_records(tmp_path: Path) -> None:
         by = {r["principal"]: r for r in refused if r["schema"] == NAMING_SCHEMA}
         assert by["default"]["detail"].startswith("register: ")
         assert "downgrade" in by["operator"]["detail"] and by["operator"]["address"] == "127.0.0.1"
+        # and the instance's own registration, done, is a register record of its service user
+        registered = await records_until(rs, lambda r: any(x["detail"] == "register" for x in r),
+                                         "the instance's registration", action="register", user="site-service")
+        assert all(r["schema"] == NAMING_SCHEMA and r["outcome"] == "ok" for r in registered)
 
         # the instance's stop
         await rs.stop_instance(COUNTER, "Site")
