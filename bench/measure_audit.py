@@ -58,6 +58,7 @@ from harness import (
     ratio,
     write_site,
 )
+from measure_levels import bump_latencies
 from measure_rpc import RawRpc
 
 from ubicore.client import Client
@@ -305,24 +306,6 @@ async def window_run(client: Client, cell: str, calls: int, timeout_s: float) ->
             "t_end": t_end, "top": top}
 
 
-async def sequential_run(client: Client, cell: str, calls: int, timeout_s: float) -> list[float]:
-    call, clock = client.call, time.perf_counter
-    lat: list[float] = []
-    deadline = clock() + timeout_s
-    last = None
-    for _ in range(calls):
-        t0 = clock()
-        value = await call(cell, COUNTER, "bump", name=COUNTER_NAME)
-        t1 = clock()
-        if last is not None and value != last + 1:
-            raise RuntimeError(f"bump at {cell} answered {value} after {last}")
-        last = value
-        lat.append(t1 - t0)
-        if t1 > deadline:
-            break
-    return lat
-
-
 class _Audit:
     """The measurements of one run; records the audited instance's trail lag."""
 
@@ -358,7 +341,7 @@ class _Audit:
     async def sequential(self, kind: str, calls: int) -> list[float]:
         cell = CELLS[kind]
         mark = await asyncio.to_thread(self.ctl.request, cmd="mark") if kind == "audited" else None
-        lat = await sequential_run(self.client, cell, calls, MEASURE_TIMEOUT_S)
+        lat = await bump_latencies(self.client, cell, COUNTER_NAME, calls, MEASURE_TIMEOUT_S)
         self.last_value[cell] += len(lat)
         if mark is not None:  # let the trail drain, untimed, before the next run
             got = await asyncio.to_thread(self.ctl.request, cmd="wait", target=mark["records"] + len(lat),

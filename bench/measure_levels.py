@@ -155,17 +155,22 @@ RPC_CHUNK = 100
 
 
 async def ours_bump(client: Client, level: str, calls: int, timeout_s: float) -> list[float]:
-    cell = CELLS[level]
+    return await bump_latencies(client, CELLS[level], RPC_COUNTER, calls, timeout_s)
+
+
+async def bump_latencies(client: Client, cell: str, name: str, calls: int, timeout_s: float) -> list[float]:
+    """Seconds each of up to ``calls`` sequential ``bump`` calls of counter ``name`` at
+    ``cell`` took (stopping at ``timeout_s``); RuntimeError if a count is skipped."""
     lat: list[float] = []
     call, clock = client.call, time.perf_counter
     deadline = clock() + timeout_s
     last = None
     for _ in range(calls):
         t0 = clock()
-        value = await call(cell, COUNTER, "bump", name=RPC_COUNTER)
+        value = await call(cell, COUNTER, "bump", name=name)
         t1 = clock()
         if last is not None and value != last + 1:
-            raise RuntimeError(f"bump at {level} answered {value} after {last}")
+            raise RuntimeError(f"bump at {cell} answered {value} after {last}")
         last = value
         lat.append(t1 - t0)
         if t1 > deadline:
